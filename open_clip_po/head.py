@@ -1,0 +1,89 @@
+"""The learnable linear head W of paper Sec. 3.4.
+
+One matrix W (D×D, identity at init) acts on both the image and the text features before L2
+normalisation: ``f ↦ W f`` (``features @ W.T``). With W = I the model is the base model, so the
+reference is simply the same backbone without W and costs nothing extra.
+
+The head is attached to an open_clip model *instance* as the submodule ``po_head`` and wraps the
+instance's ``encode_image``/``encode_text``; ``model.forward`` calls those, so DDP, open_clip's
+trainer and zero-shot code all see the head. Checkpoints store W outside the stock ``state_dict``
+(see ``open_clip_po.checkpoint``), so a head checkpoint still loads in stock open_clip.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HEAD_ATTR = "po_head"
+
+
+class LinearHead(nn.Module):
+    def __init__(self, dim: int, weight: torch.Tensor | None = None):
+        super().__init__()
+        init = torch.eye(dim) if weight is None else weight.detach().clone().float()
+        if init.shape != (dim, dim):
+            raise ValueError(f"linear head must be {dim}x{dim}, got {tuple(init.shape)}")
+        self.weight = nn.Parameter(init)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.linear(features, self.weight.to(features.dtype))
+
+
+def embed_dim_of(model: nn.Module) -> int:
+    """Output feature dimension of an open_clip model (CLIP or CustomTextCLIP)."""
+    text_projection = getattr(model, "text_projection", None)
+    if isinstance(text_projection, nn.Parameter):
+        return text_projection.shape[1]
+    if isinstance(text_projection, nn.Linear):
+        return text_projection.out_features
+    visual = getattr(model, "visual", None)
+    if visual is not None and getattr(visual, "output_dim", None):
+        return int(visual.output_dim)
+    raise ValueError(f"cannot tell the embedding dimension of {type(model).__name__}")
+
+
+def has_linear_head(model: nn.Module) -> bool:
+    return isinstance(getattr(_unwrap(model), HEAD_ATTR, None), LinearHead)
+
+
+def get_linear_head(model: nn.Module) -> LinearHead:
+    head = getattr(_unwrap(model), HEAD_ATTR, None)
+    if not isinstance(head, LinearHead):
+        raise ValueError("model has no linear head (attach one with attach_linear_head)")
+    return head
+
+
+def attach_linear_head(model: nn.Module, weight: torch.Tensor | None = None) -> LinearHead:
+    """Give ``model`` a head W (identity unless ``weight``); returns it. Idempotent per model."""
+    model = _unwrap(model)
+    if has_linear_head(model):
+        raise ValueError("model already has a linear head")
+    param = next(model.parameters())
+    head = LinearHead(embed_dim_of(model), weight).to(param.device)
+    setattr(model, HEAD_ATTR, head)
+    base_image, base_text = model.encode_image, model.encode_text
+    # Keep the un-headed encoders reachable: they are the reference in linear-head mode.
+    model.encode_image_base, model.encode_text_base = base_image, base_text
+
+    def encode_image(self, image, normalize: bool = False):
+        features = getattr(self, HEAD_ATTR)(base_image(image, normalize=False))
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def encode_text(self, text, normalize: bool = False):
+        features = getattr(self, HEAD_ATTR)(base_text(text, normalize=False))
+        return F.normalize(features, dim=-1) if normalize else features
+
+    model.encode_image = types.MethodType(encode_image, model)
+    model.encode_text = types.MethodType(encode_text, model)
+    return head
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # DDP and torch.compile keep the real model one attribute down.
+    for attr in ("module", "_orig_mod"):
+        if hasattr(model, attr) and isinstance(getattr(model, attr), nn.Module):
+            return _unwrap(getattr(model, attr))
+    return model
