@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
+# Flipping CLIP's gender understanding (paper Sec. 4.2): y_w = the caption with the gender flipped, y_l = the
+# original; the regulariser sees the same images with androgynous captions ("The person is <activity>"). As in the
+# paper only a linear head W is trained (the backbone is locked); scale it afterwards with
+# python -m open_clip_po.svd_scale. beta = lambda = 1 for every objective (PO_LOSS=dpo|ipo|kto).
+#   mkdir -p logs && DATA_DIR=data/gender sbatch scripts/slurm/gender.sh [extra open_clip_po.main flags]
+#SBATCH --job-name=po-gender
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --mem=0
+#SBATCH --time=04:00:00
+#SBATCH --output=logs/%x-%j.out
+#SBATCH --error=logs/%x-%j.out
+set -euo pipefail
+
+if [ -n "${PO_SCRIPTS_DIR:-}" ]; then
+    here=$PO_SCRIPTS_DIR
+elif [ -n "${SLURM_JOB_ID:-}" ]; then
+    # sbatch runs a spooled copy of this file; the submitted path is the job's Command.
+    here=$(dirname "$(scontrol show job "$SLURM_JOB_ID" -o | tr ' ' '\n' | sed -n 's/^Command=//p')")
+else
+    here=$(dirname "${BASH_SOURCE[0]}")
+fi
+# shellcheck source=common.sh
+. "$here/common.sh"
+
+: "${PO_LOSS:=dpo}"
+: "${PO_BETA:=1}"
+: "${PO_REG_LAMBDA:=1}"
+: "${DATA_DIR:=data/gender}"  # python -m open_clip_po.data.gender --out DATA_DIR ...
+: "${HEAD_ONLY:=1}"           # 1: train only the linear head W (paper); 0: the whole model plus W
+if [ "$HEAD_ONLY" = 1 ]; then
+    set -- --po-linear-head --lock-image --lock-text --lock-text-freeze-layer-norm "$@"
+else
+    set -- --po-linear-head "$@"
+fi
+po_launch "$@"
