@@ -82,15 +82,16 @@ class KTOLoss(PreferenceLoss):
         return {"beta": self.beta, "desirable_weight": self.desirable_weight,
                 "undesirable_weight": self.undesirable_weight}
 
-    def reference_point(self, kl, policy_kl_logps, ref_kl_logps, batch_shape) -> torch.Tensor:
+    def reference_point(self, kl, policy_kl_logps, ref_kl_logps, like: torch.Tensor) -> torch.Tensor:
         """z from ``kl`` or from the mismatched-pair log-probs (see the class docstring)."""
         mismatched_given = policy_kl_logps is not None or ref_kl_logps is not None
         if kl is not None:
             if mismatched_given:
                 raise ValueError("KTOLoss: give either kl or policy_kl_logps/ref_kl_logps, not both")
-            z = torch.as_tensor(kl).detach()
-            if z.ndim > 0 and z.shape != batch_shape:
-                raise ValueError(f"KTOLoss: kl must be a scalar or of shape {tuple(batch_shape)}, got {tuple(z.shape)}")
+            # a Python float must not pass through float32 on its way in
+            z = torch.as_tensor(kl, dtype=like.dtype, device=like.device).detach()
+            if z.ndim > 0 and z.shape != like.shape:
+                raise ValueError(f"KTOLoss: kl must be a scalar or of shape {tuple(like.shape)}, got {tuple(z.shape)}")
             return z.clamp(min=0)
         if policy_kl_logps is None or ref_kl_logps is None:
             raise ValueError("KTOLoss needs its reference point: pass kl= (e.g. kto_reference_point_exact) or both "
@@ -105,7 +106,7 @@ class KTOLoss(PreferenceLoss):
                 kl: torch.Tensor | float | None = None, *, policy_kl_logps: torch.Tensor | None = None,
                 ref_kl_logps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         self._check_inputs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-        z = self.reference_point(kl, policy_kl_logps, ref_kl_logps, policy_chosen_logps.shape)
+        z = self.reference_point(kl, policy_kl_logps, ref_kl_logps, like=policy_chosen_logps)
         z = z.to(device=policy_chosen_logps.device, dtype=policy_chosen_logps.dtype)
         chosen_logratios = policy_chosen_logps - ref_chosen_logps
         rejected_logratios = policy_rejected_logps - ref_rejected_logps
