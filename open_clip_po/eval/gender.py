@@ -1,0 +1,251 @@
+"""Gender flipping over t (paper Fig. 3) and the gender mix of retrieved images (Fig. 4).
+
+For each image of a man or a woman doing an activity, the model chooses between
+"The man is <activity>." and "The woman is <activity>." (the training pair). Over t, with
+W_t = U Σ^t Vᵀ, the probability of the image's own gender falls and the flipped one rises; the
+crossing t* (found by linear interpolation between grid points) is where gender is neutral.
+Activity accuracy uses the androgynous captions "The person is <activity>." (the regulariser's
+captions), so it measures whether the task survives the flip. Retrieval: for each prompt, the
+top-k images by similarity under W_t at t = 0, t*, 1, counted by gender.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .errors import EvalError
+from .report import SINGLE_FIGSIZE, WIDE_FIGSIZE, new_figure, save_figure, write_csv, write_json
+
+GENDER_ALIASES = {"man": "man", "men": "man", "male": "man", "m": "man",
+                  "woman": "woman", "women": "woman", "female": "woman", "f": "woman", "w": "woman"}
+IMAGE_COLUMNS = ("image", "image_path", "path", "filepath", "file", "filename")
+DEFAULT_CAPTION = "The {gender} is {activity}."
+DEFAULT_NEUTRAL = "The person is {activity}."
+
+
+def find_crossing(ts: Sequence[float], diff: Sequence[float]) -> float:
+    """First t where ``diff`` changes sign, linearly interpolated between grid points; NaN if never."""
+    ts, diff = [float(t) for t in ts], [float(d) for d in diff]
+    for i in range(len(ts)):
+        if diff[i] == 0.0:
+            return ts[i]
+        if i + 1 < len(ts) and diff[i] * diff[i + 1] < 0:
+            return ts[i] + (ts[i + 1] - ts[i]) * diff[i] / (diff[i] - diff[i + 1])
+    return float("nan")
+
+
+def read_gender_csv(path: str) -> list[dict]:
+    """Rows ``{"image", "gender" ∈ {man, woman}, "activity"}``; image paths relative to the CSV's folder."""
+    csv_path = Path(path)
+    if not csv_path.is_file():
+        raise EvalError(f"gender CSV not found: {csv_path}")
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip().lower() for c in (reader.fieldnames or [])]
+        image_column = next((c for c in IMAGE_COLUMNS if c in columns), None)
+        if image_column is None or "gender" not in columns or "activity" not in columns:
+            raise EvalError(f"{csv_path} needs a header with image ({'|'.join(IMAGE_COLUMNS)}), gender and activity "
+                            f"columns; it has: {', '.join(columns) or 'none'}")
+        rows = []
+        for line, raw in enumerate(reader, start=2):
+            row = {k.strip().lower(): (v or "").strip() for k, v in raw.items() if k is not None}
+            gender = GENDER_ALIASES.get(row["gender"].lower())
+            if gender is None:
+                raise EvalError(f"{csv_path}:{line}: gender {row['gender']!r} is not man/woman (or male/female)")
+            if not row["activity"] or not row[image_column]:
+                raise EvalError(f"{csv_path}:{line}: empty image or activity")
+            image = Path(row[image_column])
+            rows.append({"image": str(image if image.is_absolute() else csv_path.parent / image),
+                         "gender": gender, "activity": row["activity"]})
+    if not rows:
+        raise EvalError(f"{csv_path} has no rows")
+    if len({r["gender"] for r in rows}) < 2:
+        raise EvalError(f"{csv_path} has images of one gender only; the flip needs both")
+    return rows
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+@torch.no_grad()
+def gender_curves(heads: dict, images: torch.Tensor, is_man: torch.Tensor, activity: torch.Tensor,
+                  man_text: torch.Tensor, woman_text: torch.Tensor, neutral_text: torch.Tensor,
+                  scale: float) -> dict:
+    """Per-t probabilities from *base* (un-headed) features and ``heads`` = {t: W_t}.
+
+    ``images`` [N, D]; ``man_text`` / ``woman_text`` / ``neutral_text`` [A, D], row a = activity a.
+    Returns lists over t and the per-image ``p_man`` [T, N].
+    """
+    from .features import apply_head
+
+    ts = list(heads)
+    p_man_all, out = [], {"t": ts, "p_true_gender": [], "p_flipped_gender": [], "p_man_men": [],
+                          "p_woman_women": [], "activity_accuracy": []}
+    for t in ts:
+        w_t = heads[t]
+        x = apply_head(images, w_t)
+        man, woman, neutral = apply_head(man_text, w_t), apply_head(woman_text, w_t), apply_head(neutral_text, w_t)
+        # Binary choice between the two gendered captions of the image's own activity.
+        margin = scale * ((x * man[activity]).sum(-1) - (x * woman[activity]).sum(-1))
+        p_man = torch.sigmoid(margin)
+        p_true = torch.where(is_man, p_man, 1 - p_man)
+        p_man_all.append(p_man)
+        out["p_true_gender"].append(p_true.mean().item())
+        out["p_flipped_gender"].append(1 - p_true.mean().item())
+        out["p_man_men"].append(p_man[is_man].mean().item() if is_man.any() else float("nan"))
+        out["p_woman_women"].append((1 - p_man[~is_man]).mean().item() if (~is_man).any() else float("nan"))
+        out["activity_accuracy"].append(((x @ neutral.T).argmax(-1) == activity).float().mean().item())
+    out["p_man"] = torch.stack(p_man_all)
+    diff = [a - b for a, b in zip(out["p_true_gender"], out["p_flipped_gender"])]
+    out["t_star"] = find_crossing(ts, diff)
+    # Per image: where P(man) = P(woman).
+    out["t_star_per_image"] = [find_crossing(ts, (2 * out["p_man"][:, i] - 1).tolist())
+                               for i in range(images.shape[0])]
+    return out
+
+
+@torch.no_grad()
+def retrieval_counts(weight_t: torch.Tensor | None, images: torch.Tensor, is_man: torch.Tensor,
+                     prompt_text: torch.Tensor, prompts: Sequence[str], k: int) -> list[dict]:
+    """For each prompt, men and women among the ``k`` images most similar under W_t."""
+    from .features import apply_head
+
+    similarity = apply_head(prompt_text, weight_t) @ apply_head(images, weight_t).T   # [P, N]
+    top = similarity.topk(min(k, images.shape[0]), dim=-1).indices
+    rows = []
+    for prompt, indices in zip(prompts, top):
+        men = int(is_man[indices].sum())
+        rows.append({"prompt": prompt, "k": len(indices), "men": men, "women": len(indices) - men,
+                     "women_fraction": (len(indices) - men) / len(indices)})
+    return rows
+
+
+def plot_gender(curves: dict, is_man: torch.Tensor, title: str, path) -> Path:
+    fig, (left, right) = new_figure(WIDE_FIGSIZE, ncols=2)
+    ts = curves["t"]
+    left.plot(ts, curves["p_true_gender"], "o-", color="tab:blue", label="P(own gender)")
+    left.plot(ts, curves["p_flipped_gender"], "s-", color="tab:red", label="P(flipped gender)")
+    left.plot(ts, curves["activity_accuracy"], "^--", color="tab:green", label="activity accuracy")
+    if math.isfinite(curves["t_star"]):
+        left.axvline(curves["t_star"], color="gray", linestyle=":", label=f"t* = {curves['t_star']:.3f}")
+    left.set_xlabel("t")
+    left.set_ylim(-0.02, 1.02)
+    left.set_title(title, fontsize=9)
+    left.legend(fontsize=8)
+    p_man = curves["p_man"]
+    for i in range(p_man.shape[1]):
+        left_or_right = "tab:blue" if bool(is_man[i]) else "tab:red"
+        right.plot(ts, p_man[:, i].tolist(), color=left_or_right, alpha=0.3, linewidth=0.8)
+    right.plot([], [], color="tab:blue", label="images of men")
+    right.plot([], [], color="tab:red", label="images of women")
+    right.axhline(0.5, color="gray", linewidth=1)
+    right.set_xlabel("t")
+    right.set_ylabel("P(man) = 1 − P(woman)")
+    right.set_ylim(-0.02, 1.02)
+    right.set_title("per image")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_retrieval(retrieval: dict, path) -> Path:
+    """Women/men among the top-k for each prompt, one group of bars per model (t)."""
+    fig, ax = new_figure(SINGLE_FIGSIZE)
+    labels = list(retrieval)
+    prompts = [r["prompt"] for r in retrieval[labels[0]]]
+    width = 0.8 / len(labels)
+    for j, label in enumerate(labels):
+        xs = [i + (j - (len(labels) - 1) / 2) * width for i in range(len(prompts))]
+        ax.bar(xs, [r["women_fraction"] for r in retrieval[label]], width, label=label)
+    ax.axhline(0.5, color="gray", linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(prompts)))
+    ax.set_xticklabels(prompts, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel(f"women among top-{retrieval[labels[0]][0]['k']}")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def run_gender(args) -> dict:
+    """The ``gender`` subcommand: JSON + CSV of the curves, per-image CSV, and two PNGs."""
+    import open_clip
+
+    from .data import EvalSet, FolderDataset
+    from .features import PromptFeatures, base_encoders, encode_images, head_weight, load_eval_model, logit_scale
+    from .sweep import parse_t_values, scaled_heads
+
+    for template, fields in ((args.caption, ("{gender}", "{activity}")), (args.neutral_caption, ("{activity}",))):
+        if not all(f in template for f in fields):
+            raise EvalError(f"caption template {template!r} must contain {' and '.join(fields)}")
+    ts = parse_t_values(args.t)
+    rows = read_gender_csv(args.csv)
+    model, preprocess = load_eval_model(args.model, args.pretrained, weights=args.weights, device=args.device)
+    weight = head_weight(model)
+    if weight is None:
+        raise EvalError(f"{args.pretrained} has no linear head; the gender sweep needs one (train with --po-linear-head)")
+    tokenizer = open_clip.get_tokenizer(args.model)
+    activities = sorted({r["activity"] for r in rows})
+    activity_index = {a: i for i, a in enumerate(activities)}
+    man_prompts = [args.caption.format(gender="man", activity=a) for a in activities]
+    woman_prompts = [args.caption.format(gender="woman", activity=a) for a in activities]
+    neutral_prompts = [args.neutral_caption.format(activity=a) for a in activities]
+    retrieval_prompts = args.retrieval_prompt or neutral_prompts
+
+    encode_image, encode_text = base_encoders(model)
+    prompts = PromptFeatures(encode_text, tokenizer, man_prompts + woman_prompts + neutral_prompts + retrieval_prompts,
+                             device=args.device)
+    dataset = FolderDataset([(r["image"], i) for i, r in enumerate(rows)], preprocess)
+    eval_set = EvalSet(Path(args.csv).stem, activities, dataset, attacked=False, num_samples=len(rows))
+    encoded = encode_images(encode_image, eval_set, device=args.device, batch_size=args.batch_size,
+                            workers=args.workers, desc="images")
+    kept = encoded["labels"].tolist()   # row indices of readable images
+    is_man = torch.tensor([rows[i]["gender"] == "man" for i in kept])
+    activity = torch.tensor([activity_index[rows[i]["activity"]] for i in kept])
+
+    def raw(texts):
+        return prompts.features[prompts._tokenize(texts)]
+
+    heads = scaled_heads(weight, ts)
+    curves = gender_curves(heads, encoded["features"], is_man, activity, raw(man_prompts), raw(woman_prompts),
+                           raw(neutral_prompts), logit_scale(model))
+
+    retrieval_ts = {"t=0 (base)": 0.0, "t=1 (trained)": 1.0}
+    if math.isfinite(curves["t_star"]):
+        retrieval_ts[f"t*={curves['t_star']:.3f} (neutral)"] = curves["t_star"]
+    retrieval_heads = scaled_heads(weight, list(retrieval_ts.values()))
+    retrieval = {label: retrieval_counts(retrieval_heads[t], encoded["features"], is_man, raw(retrieval_prompts),
+                                         retrieval_prompts, args.top_k)
+                 for label, t in retrieval_ts.items()}
+
+    output = Path(args.output)
+    columns = ("t", "p_true_gender", "p_flipped_gender", "p_man_men", "p_woman_women", "activity_accuracy")
+    write_csv([{c: curves[c][i] for c in columns} for i in range(len(ts))], output.with_suffix(".csv"), columns)
+    p_man = curves["p_man"]
+    per_image = [{"image": rows[r]["image"], "gender": rows[r]["gender"], "activity": rows[r]["activity"],
+                  "t_star": curves["t_star_per_image"][j], "p_man_first_t": p_man[0, j].item(),
+                  "p_man_last_t": p_man[-1, j].item()} for j, r in enumerate(kept)]
+    write_csv(per_image, output.with_name(output.stem + "_images.csv"))
+    finite = torch.tensor([t for t in curves["t_star_per_image"] if math.isfinite(t)])
+    result = {
+        "dataset": Path(args.csv).name, "model": args.model, "pretrained": args.pretrained, "task": "gender_flip",
+        "weights": args.weights, "caption": args.caption, "neutral_caption": args.neutral_caption,
+        "num_images": len(kept), "skipped": encoded["skipped"], "activities": activities,
+        "metrics": {"t_star": curves["t_star"],
+                    "t_star_per_image_median": finite.median().item() if finite.numel() else float("nan"),
+                    "images_with_crossing": int(finite.numel())},
+        "curves": {c: curves[c] for c in columns},
+        "retrieval": retrieval,
+    }
+    write_json(result, output)
+    plot_gender(curves, is_man, f"{Path(args.csv).name} — {args.model}", output.with_suffix(".png"))
+    plot_retrieval(retrieval, output.with_name(output.stem + "_retrieval.png"))
+    t_star = curves["t_star"]
+    print(f"t* = {t_star:.4f}" if math.isfinite(t_star) else "no crossing of P(own) and P(flipped) gender on this grid",
+          f"→ {output}")
+    return result
