@@ -1,0 +1,79 @@
+"""How close W (and W_t) is to orthogonal: JSON numbers and a PNG like the paper's Fig. 8."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .scaling import head_stats
+
+
+def build_report(W: torch.Tensor, W_t: torch.Tensor, t: float, **context) -> dict:
+    """``{"t", ..context, "head": stats(W), "scaled_head": stats(W_t)}``."""
+    return {"t": float(t), **context, "head": head_stats(W), "scaled_head": head_stats(W_t)}
+
+
+def format_report(report: dict) -> str:
+    lines = []
+    for key, label in (("head", "W"), ("scaled_head", f"W_t (t={report['t']:g})")):
+        s = report[key]
+        lines.append(f"{label:>14}: sigma in [{s['sigma_min']:.4f}, {s['sigma_max']:.4f}], "
+                     f"||W^T W - I||_F = {s['gram_minus_identity_fro']:.4g}, "
+                     f"||W^T W - I||_2 = {s['gram_minus_identity_spectral']:.4g}")
+    return "\n".join(lines)
+
+
+def _write_atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_report_json(report: dict, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
+    return path
+
+
+def plot_report(heads: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
+    """One row per head: heat map of WᵀW, its residual WᵀW − I, histogram of singular values."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a display
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(len(heads), 3, figsize=(13, 3.8 * len(heads)), squeeze=False)
+    for row, (label, W) in zip(axes, heads.items()):
+        W = W.detach().to(torch.float64).cpu()
+        gram = W.T @ W
+        residual = gram - torch.eye(W.shape[0], dtype=W.dtype)
+        image = row[0].imshow(gram.numpy(), cmap="viridis")
+        row[0].set_title(f"{label}: $W^\\top W$")
+        fig.colorbar(image, ax=row[0], fraction=0.046)
+        # Symmetric limits so that white means "exactly the identity".
+        limit = max(residual.abs().max().item(), 1e-12)
+        image = row[1].imshow(residual.numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit)
+        row[1].set_title(f"{label}: $W^\\top W - I$ (Frobenius {torch.linalg.matrix_norm(residual).item():.3g})")
+        fig.colorbar(image, ax=row[1], fraction=0.046)
+        singular_values = torch.linalg.svdvals(W).numpy()
+        row[2].hist(singular_values, bins=min(50, max(10, len(singular_values) // 4)), color="tab:blue")
+        row[2].axvline(1.0, color="k", linestyle="--", linewidth=1)
+        row[2].set_title(f"{label}: singular values")
+        row[2].set_xlabel("σ")
+        row[2].set_ylabel("count")
+    fig.tight_layout()
+    _write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+    return path

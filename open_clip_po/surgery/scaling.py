@@ -1,0 +1,68 @@
+"""W_t = U Σ^t Vᵀ (paper Eq. 16) and the numbers that say how far W is from orthogonal (App. E)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..checkpoint import CheckpointError
+
+
+class SurgeryError(CheckpointError):
+    """A head or checkpoint the surgery cannot use; the message is one line meant for the user."""
+
+
+def check_head(W) -> torch.Tensor:
+    """``W`` as a tensor, or a SurgeryError: it must be a finite, square, floating-point matrix."""
+    if not isinstance(W, torch.Tensor):
+        raise SurgeryError(f"the head W must be a tensor, got {type(W).__name__}")
+    if W.ndim != 2 or W.shape[0] != W.shape[1]:
+        raise SurgeryError(f"the head W must be a square matrix, got shape {tuple(W.shape)}")
+    if not W.is_floating_point():
+        raise SurgeryError(f"the head W must be floating point, got {W.dtype}")
+    if not bool(torch.isfinite(W).all()):
+        bad = int((~torch.isfinite(W)).sum())
+        raise SurgeryError(f"the head W has {bad} non-finite value(s) (NaN or inf)")
+    return W
+
+
+def scale_head(W: torch.Tensor, t: float) -> torch.Tensor:
+    """``W_t = U Σ^t Vᵀ`` where ``W = U Σ Vᵀ``; same dtype and device as ``W``.
+
+    t = 1 gives W back, t = 0 the orthogonal factor U Vᵀ (the base model's similarities, since the
+    head sits on both towers: W_tᵀ W_t = V Σ^{2t} Vᵀ), t < 0 reverses what the head learned.
+    The SVD runs in float64 so that a t-sweep does not pile up float32 error.
+    """
+    W = check_head(W)
+    t = float(t)
+    if not math.isfinite(t):
+        raise SurgeryError(f"t must be a finite number, got {t}")
+    U, S, Vh = torch.linalg.svd(W.detach().to(torch.float64))
+    if t < 0:
+        # A singular value that is zero at W's own precision has no finite negative power.
+        tol = S.max() * W.shape[0] * torch.finfo(W.dtype).eps
+        if S.min() <= tol:
+            raise SurgeryError(f"the head W is singular (smallest singular value {S.min().item():.3g}); "
+                               f"t = {t:g} < 0 would invert a zero singular value")
+    W_t = (U * S.pow(t)) @ Vh
+    W_t = W_t.to(W.dtype)
+    if not bool(torch.isfinite(W_t).all()):
+        raise SurgeryError(f"W_t has non-finite values at t = {t:g} (singular values {S.min().item():.3g}.."
+                           f"{S.max().item():.3g} overflow {W.dtype} when raised to t)")
+    return W_t
+
+
+def head_stats(W: torch.Tensor) -> dict:
+    """Singular values and ``‖WᵀW − I‖`` (Frobenius, spectral), as plain Python numbers for JSON."""
+    W = check_head(W).detach().to(torch.float64)
+    singular_values = torch.linalg.svdvals(W)
+    residual = W.T @ W - torch.eye(W.shape[0], dtype=W.dtype)
+    return {
+        "dim": W.shape[0],
+        "singular_values": singular_values.tolist(),
+        "sigma_max": singular_values.max().item(),
+        "sigma_min": singular_values.min().item(),
+        "gram_minus_identity_fro": torch.linalg.matrix_norm(residual, ord="fro").item(),
+        "gram_minus_identity_spectral": torch.linalg.matrix_norm(residual, ord=2).item(),
+        "distance_to_identity_fro": torch.linalg.matrix_norm(W - torch.eye(W.shape[0], dtype=W.dtype)).item(),
+    }
