@@ -87,18 +87,21 @@ def scan_class_folder(root) -> tuple[list[str], list[tuple[str, int]]]:
     return classes, samples
 
 
-# The typographic builder writes ``<stem>__true-<i>__written-<j>.<ext>`` (see parse_written_class).
-_WRITTEN_RE = re.compile(r"written[-_=](\d+)")
+# open_clip_po.data.typographic --eval-out names files ``<stem>_true<T>_written<W>.png``.
+_WRITTEN_RE = re.compile(r"(?:^|_)(?:true(?P<true>\d+)_)?written[-_]?(?P<written>\d+)$")
 
 
-def parse_written_class(path: str | os.PathLike, num_classes: int) -> int:
-    """The written class index recorded in an attacked image's file name."""
+def parse_written_class(path: str | os.PathLike, num_classes: int, true_index: int | None = None) -> int:
+    """The written class index recorded in an attacked image's file name (checked against its folder)."""
     match = _WRITTEN_RE.search(Path(path).stem)
     if match is None:
-        raise EvalError(f"cannot tell the written class of {path}: its name lacks 'written-<class index>'")
-    written = int(match.group(1))
+        raise EvalError(f"cannot tell the written class of {path}: its name does not end in '_written<class index>'")
+    written = int(match.group("written"))
     if not 0 <= written < num_classes:
         raise EvalError(f"{path} names written class {written}, outside 0..{num_classes - 1}")
+    if true_index is not None and match.group("true") is not None and int(match.group("true")) != true_index:
+        raise EvalError(f"{path} names true class {match.group('true')} but lies in the folder of class {true_index}"
+                        " (class folders ordered differently?)")
     return written
 
 
@@ -113,7 +116,7 @@ def scan_typographic_folder(root, clean_classes: Sequence[str]) -> list[tuple[st
     if extra:
         raise EvalError(f"typographic folder {root} has class folder {extra[0]!r} that the clean set lacks")
     index = {name: i for i, name in enumerate(clean_classes)}
-    return [(str(path), index[name], parse_written_class(path, len(clean_classes)))
+    return [(str(path), index[name], parse_written_class(path, len(clean_classes), index[name]))
             for name in classes for path in list_images(Path(root) / name)]
 
 
