@@ -1,0 +1,205 @@
+"""Shard builders: the typographic attack, clean pairs, gender triplets, and the shard writer itself."""
+from __future__ import annotations
+
+import io
+import json
+import random
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_helpers import CLASSES, make_image_folder, noise_image
+
+NAMES = [c.replace("_", " ") for c in CLASSES]
+
+
+def _samples(path):
+    """key → {ext: bytes} of one shard, in file order."""
+    out = {}
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            key, ext = m.name.split(".", 1)
+            out.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return out
+
+
+def _all_files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def typographic(tmp_path_factory):
+    from open_clip_po.data.typographic import build_typographic
+
+    root = tmp_path_factory.mktemp("typographic")
+    images = make_image_folder(root / "images")
+    out = root / "out"
+    sizes = build_typographic(images, out, per_image=2, image_size=32, image_format="png", max_count=6, seed=0,
+                              quiet=True)
+    return images, out, sizes
+
+
+def test_typographic_shards_follow_the_format_and_attack_rules(typographic):
+    _, out, sizes = typographic
+    expected_sizes = {f"pref-{i:06d}.tar": 6 for i in range(4)} | {f"reg-{i:06d}.tar": 6 for i in range(2)}
+    assert sizes == expected_sizes
+    assert json.loads((out / "sizes.json").read_text()) == expected_sizes
+    assert (out / "classnames.txt").read_text().splitlines() == NAMES
+
+    clean = {}
+    for i in range(2):
+        for key, m in _samples(out / f"reg-{i:06d}.tar").items():
+            assert set(m) == {"png", "txt", "json"}
+            meta = json.loads(m["json"])
+            assert m["txt"].decode() == f"a photo of a {NAMES[meta['label']]}."
+            clean[meta["source"]] = np.array(Image.open(io.BytesIO(m["png"])))
+    assert len(clean) == 12
+
+    written_seen = set()
+    for i in range(4):
+        for key, m in _samples(out / f"pref-{i:06d}.tar").items():
+            assert list(m) == ["png", "yw.txt", "yl.txt", "txt", "json"]
+            meta = json.loads(m["json"])
+            label, written, attack = meta["label"], meta["written"], meta["attack"]
+            assert written != label
+            written_seen.add((label, written))
+            assert meta["source"].split("/")[0] == CLASSES[label]
+            assert m["yw.txt"].decode() == f"a photo of a {NAMES[label]}." == m["txt"].decode()
+            assert m["yl.txt"].decode() == f"a photo of a {NAMES[written]}."
+            assert attack["text"].replace("\n", " ") == NAMES[written]
+            assert attack["fill"] != attack["stroke"]
+            left, top, right, bottom = attack["bbox"]
+            assert 0 <= left < right <= 32 and 0 <= top < bottom <= 32
+            # The text is drawn inside its bbox and nowhere else (lossless png: exact comparison).
+            attacked = np.array(Image.open(io.BytesIO(m["png"])))
+            changed = np.argwhere((attacked != clean[meta["source"]]).any(-1))
+            assert len(changed) > 0
+            assert changed[:, 0].min() >= top and changed[:, 0].max() < bottom
+            assert changed[:, 1].min() >= left and changed[:, 1].max() < right
+    assert len(written_seen) > 3  # different wrong classes get written
+
+
+def test_typographic_same_seed_gives_byte_identical_shards(typographic, tmp_path):
+    from open_clip_po.data.typographic import build_typographic
+
+    images, out, _ = typographic
+    # Two rendering processes instead of none: the output must not depend on how the work was split.
+    build_typographic(images, tmp_path / "again", per_image=2, image_size=32, image_format="png", max_count=6,
+                      seed=0, workers=2, quiet=True)
+    assert _all_files(tmp_path / "again") == _all_files(out)
+    build_typographic(images, tmp_path / "other", per_image=2, image_size=32, image_format="png", max_count=6,
+                      seed=1, quiet=True)
+    assert (tmp_path / "other" / "pref-000000.tar").read_bytes() != (out / "pref-000000.tar").read_bytes()
+
+
+@pytest.mark.parametrize("size", [24, 64, 224])
+def test_render_attack_keeps_text_inside_and_colours_distinct(size):
+    from open_clip_po.data.typographic import COLORS, render_attack
+
+    rng = random.Random(size)
+    base = noise_image(size, size=(size, size + 7))
+    before = np.array(base)
+    for i in range(60):
+        text = ["ox", "golden retriever", "a rather long class name here"][i % 3]
+        attacked, p = render_attack(base, text, rng)
+        assert np.array_equal(np.array(base), before)  # the input image is untouched
+        assert p["fill"] in COLORS and p["stroke"] in COLORS and p["fill"] != p["stroke"]
+        assert (p["text"].count("\n") == 1) == (len(text.split()) >= 2)
+        left, top, right, bottom = p["bbox"]
+        assert 0 <= left < right <= size and 0 <= top < bottom <= size + 7
+        changed = np.argwhere((np.array(attacked) != before).any(-1))
+        assert len(changed) > 0
+        assert changed[:, 0].min() >= top and changed[:, 0].max() < bottom
+        assert changed[:, 1].min() >= left and changed[:, 1].max() < right
+        if size == 224 and text == "ox":  # short text always fits: the size is the drawn one in 20..40
+            assert 20 <= p["size"] <= 40
+
+
+def test_render_attack_falls_back_to_pillow_font():
+    from open_clip_po.data.typographic import PIL_DEFAULT_FONT, render_attack
+
+    attacked, p = render_attack(noise_image(0, (64, 64)), "dog", random.Random(0), fonts=[PIL_DEFAULT_FONT])
+    assert p["font"] == PIL_DEFAULT_FONT and attacked.size == (64, 64)
+
+
+def test_pick_written_class_is_never_the_true_one():
+    from open_clip_po.data.typographic import pick_written_class
+
+    rng = random.Random(0)
+    for n in (2, 3, 10):
+        for true in range(n):
+            drawn = [pick_written_class(true, n, rng) for _ in range(200)]
+            assert true not in drawn
+            assert set(drawn) == set(range(n)) - {true}  # every wrong class can be drawn
+    with pytest.raises(ValueError, match="at least 2"):
+        pick_written_class(0, 1, rng)
+
+
+def test_eval_folder_records_true_and_written_class(tmp_path):
+    from open_clip_po.data.typographic import build_eval_folder
+
+    images = make_image_folder(tmp_path / "images", per_class=2)
+    records = build_eval_folder(images, tmp_path / "ev", NAMES, image_size=32, seed=3, quiet=True)
+    assert len(records) == 6
+    lines = [json.loads(x) for x in (tmp_path / "ev" / "attacks.jsonl").read_text().splitlines()]
+    assert lines == records
+    for r in records:
+        folder, name = r["file"].split("/")
+        assert folder == CLASSES[r["label"]] and r["written"] != r["label"]
+        assert name.endswith(f"_true{r['label']}_written{r['written']}.png")
+        assert Image.open(tmp_path / "ev" / r["file"]).size == (32, 32)
+
+
+def test_shard_writer_rolls_over_and_is_atomic(tmp_path):
+    from open_clip_po.data import ShardWriter
+
+    blob = bytes(2000)  # one member: 512 header + 2048 data bytes
+    with ShardWriter(tmp_path, "x", max_count=4) as w:
+        for i in range(10):
+            w.write(f"{i:03d}", {"bin": blob})
+    assert w.sizes == {"x-000000.tar": 4, "x-000001.tar": 4, "x-000002.tar": 2}
+    with ShardWriter(tmp_path / "s", "x", max_size=7000) as w:
+        for i in range(5):
+            w.write(f"{i:03d}", {"bin": blob})
+    assert list(w.sizes.values()) == [2, 2, 1]
+
+    # A failure mid-shard leaves the finished shards and nothing under the unfinished one's name.
+    with pytest.raises(RuntimeError, match="boom"):
+        with ShardWriter(tmp_path / "f", "x", max_count=2) as w:
+            for i in range(3):
+                w.write(f"{i:03d}", {"bin": blob})
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == ["x-000000.tar"]
+
+    # A re-run with fewer shards removes the stale ones and their sizes.json entries.
+    with ShardWriter(tmp_path, "x", max_count=100) as w:
+        w.write("000", {"bin": blob})
+    assert sorted(p.name for p in tmp_path.glob("x-*.tar")) == ["x-000000.tar"]
+    assert json.loads((tmp_path / "sizes.json").read_text()) == {"x-000000.tar": 1}
+    with pytest.raises(ValueError, match="no dots"):
+        ShardWriter(tmp_path / "k", "x").write("a.b", {"bin": blob})
+
+
+def test_pairs_builder_cli(tmp_path, capsys):
+    from open_clip_po.data import pairs
+
+    images = make_image_folder(tmp_path / "images", per_class=3)
+    (tmp_path / "names.txt").write_text("kitty\npuppy\ngolden\n")
+    assert pairs.main(["--images", str(images), "--out", str(tmp_path / "out"), "--image-size", "16",
+                       "--classnames", str(tmp_path / "names.txt"), "--template", "{} pic", "--quiet"]) == 0
+    samples = _samples(tmp_path / "out" / "pairs-000000.tar")
+    assert len(samples) == 9 and json.loads((tmp_path / "out" / "sizes.json").read_text()) == {"pairs-000000.tar": 9}
+    for m in samples.values():
+        meta = json.loads(m["json"])
+        assert m["txt"].decode() == ["kitty", "puppy", "golden"][meta["label"]] + " pic"
+        assert meta["source"].startswith(CLASSES[meta["label"]] + "/")
+        assert Image.open(io.BytesIO(m["jpg"])).size == (16, 16)
+    (tmp_path / "bad.txt").write_text("only\ntwo\n")
+    assert pairs.main(["--images", str(images), "--out", str(tmp_path / "o2"), "--classnames",
+                       str(tmp_path / "bad.txt")]) == 2
+    assert "2 class names but the image folder has 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        pairs.main(["--help"])
+    assert exc.value.code == 0
