@@ -203,3 +203,47 @@ def test_pairs_builder_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         pairs.main(["--help"])
     assert exc.value.code == 0
+
+
+def _gender_csv(tmp_path, rows):
+    (tmp_path / "img").mkdir(exist_ok=True)
+    for i in range(len(rows)):
+        noise_image(70 + i, (20, 24)).save(tmp_path / "img" / f"{i}.png")
+    lines = ["image,gender,activity"] + [f"img/{i}.png,{g},{a}" for i, (g, a) in enumerate(rows)]
+    (tmp_path / "people.csv").write_text("\n".join(lines) + "\n")
+    return tmp_path / "people.csv"
+
+
+def test_gender_builder_flips_the_preferred_caption(tmp_path, capsys):
+    from open_clip_po.data import gender
+
+    rows = [("man", "cooking"), ("woman", "fixing a car"), ("Man", " surfing "), ("woman", "reading")]
+    csv_path = _gender_csv(tmp_path, rows)
+    assert gender.main(["--csv", str(csv_path), "--out", str(tmp_path / "out"), "--image-size", "16",
+                        "--image-format", "png", "--quiet"]) == 0
+    pref, reg = _samples(tmp_path / "out" / "pref-000000.tar"), _samples(tmp_path / "out" / "reg-000000.tar")
+    assert len(pref) == len(reg) == 4 and pref.keys() == reg.keys()
+    by_source = {}
+    for key, m in pref.items():
+        meta = json.loads(m["json"])
+        flipped = {"man": "woman", "woman": "man"}[meta["gender"]]
+        assert m["yw.txt"].decode() == f"The {flipped} is {meta['activity']}" == m["txt"].decode()
+        assert m["yl.txt"].decode() == f"The {meta['gender']} is {meta['activity']}"
+        assert reg[key]["txt"].decode() == f"The person is {meta['activity']}"
+        assert reg[key]["png"] == m["png"]
+        by_source[meta["source"]] = (meta["gender"], meta["activity"])
+    assert by_source == {f"img/{i}.png": (g.lower(), a.strip()) for i, (g, a) in enumerate(rows)}
+
+    # Custom templates; same seed → same bytes.
+    for name in ("c1", "c2"):
+        gender.build_gender(csv_path, tmp_path / name, template="a {gender} {activity}",
+                            reg_template="someone {activity}", seed=4, quiet=True)
+    assert _all_files(tmp_path / "c1") == _all_files(tmp_path / "c2")
+    m = next(iter(_samples(tmp_path / "c1" / "pref-000000.tar").values()))
+    assert m["yl.txt"].decode().startswith(("a man ", "a woman "))
+
+    (tmp_path / "bad").mkdir()
+    bad = _gender_csv(tmp_path / "bad", [("man", "running"), ("person", "running")])
+    assert gender.main(["--csv", str(bad), "--out", str(tmp_path / "o3")]) == 2
+    assert "people.csv:3: gender must be 'man' or 'woman', got 'person'" in capsys.readouterr().err
+    assert not (tmp_path / "o3" / "pref-000000.tar").exists()
