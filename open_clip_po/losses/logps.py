@@ -71,8 +71,8 @@ def pair_logps(image_features: torch.Tensor, chosen_features: torch.Tensor | Non
             rejected_features = gather_features(rejected_features)
         n = image_features.shape[0]
         matrix = policy_logps(image_features, torch.cat([chosen_features, rejected_features]), logit_scale)
-        rows = torch.arange(n, device=matrix.device)
-        return matrix[rows, rows], matrix[rows, rows + n], matrix
+        # diagonals are views: cheaper backward than fancy indexing
+        return matrix[:, :n].diagonal(), matrix[:, n:].diagonal(), matrix
 
     if chosen_features is not None or rejected_features is not None:
         raise ValueError("pair_logps: with candidates=[K, D] pass chosen_features=None, rejected_features=None "
