@@ -194,12 +194,12 @@ def test_on_the_fly_attack_is_reproducible_and_counts_written(folders, tiny_mode
     clean, _ = folders
     first = typographic_eval(tiny_model, tokenizer, preprocess, clean, attack_seed=3)
     assert first == typographic_eval(tiny_model, tokenizer, preprocess, clean, attack_seed=3, batch_size=3)
-    # Brute force with the documented per-sample seeding: random.Random(seed * 1_000_003 + index).
+    # Brute force with the documented per-sample seeding: random.Random(f"{seed}:{index}").
     names = [c.replace("_", " ") for c in CLASSES]
     samples, attacked_dir = _clean_samples(clean), clean.parent / "on_the_fly"
     rebuilt = []
     for index, (path, label, _) in enumerate(samples):
-        rng = random.Random(3 * 1_000_003 + index)
+        rng = random.Random(f"3:{index}")
         written = pick_written_class(label, len(names), rng)
         image, _ = render_attack(Image.open(path).convert("RGB"), names[written], rng)
         attacked_dir.mkdir(exist_ok=True)
@@ -210,39 +210,64 @@ def test_on_the_fly_attack_is_reproducible_and_counts_written(folders, tiny_mode
     assert first["written_rate"] == pytest.approx(hits / n)
 
 
-def test_webdataset_shards_give_the_folder_numbers(folders, tmp_path, tiny_model, tiny_model_and_transforms):
+def _write_shard(path, samples, with_cls, extra_bad=True):
+    import io
     import tarfile
 
+    with tarfile.open(path, "w") as tar:
+        def add(name, data):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for i, (image_path, label, written) in enumerate(samples):
+            add(f"{i:05d}.png", image_path.read_bytes())
+            if with_cls:
+                add(f"{i:05d}.cls", str(label).encode())
+            else:
+                add(f"{i:05d}.json", json.dumps({"label": label, "written": written}).encode())
+        if extra_bad:
+            add("99999.json", b"{}")   # a sample with no image: skipped and counted, not a crash
+
+
+@pytest.fixture(scope="module")
+def shards(folders, tmp_path_factory):
+    clean, attacked = folders
+    root = tmp_path_factory.mktemp("eval_shards")
+    (root / "clean").mkdir()
+    (root / "attacked").mkdir()
+    samples = _clean_samples(clean)
+    _write_shard(root / "clean" / "clean-000.tar", samples[:5], True)
+    _write_shard(root / "clean" / "clean-001.tar", samples[5:], True)
+    _write_shard(root / "attacked" / "t-000.tar", _attacked_samples(attacked), False)
+    (root / "clean" / "classnames.txt").write_text("\n".join(c.replace("_", " ") for c in CLASSES) + "\n")
+    return root
+
+
+def test_webdataset_shards_give_the_folder_numbers(folders, shards, tiny_model, tiny_model_and_transforms):
     from open_clip_po.eval import typographic_eval
 
     _, _, preprocess, tokenizer = tiny_model_and_transforms
     clean, attacked = folders
-
-    def write_shard(path, samples, with_cls):
-        with tarfile.open(path, "w") as tar:
-            def add(name, data):
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, __import__("io").BytesIO(data))
-            for i, (image_path, label, written) in enumerate(samples):
-                add(f"{i:05d}.png", image_path.read_bytes())
-                if with_cls:
-                    add(f"{i:05d}.cls", str(label).encode())
-                else:
-                    add(f"{i:05d}.json", json.dumps({"label": label, "written": written}).encode())
-            add("99999.json", b"{}")   # a sample with no image: must be skipped and counted, not crash
-
-    (tmp_path / "clean").mkdir()
-    (tmp_path / "attacked").mkdir()
-    samples = _clean_samples(clean)
-    write_shard(tmp_path / "clean" / "clean-000.tar", samples[:5], True)
-    write_shard(tmp_path / "clean" / "clean-001.tar", samples[5:], True)
-    write_shard(tmp_path / "attacked" / "t-000.tar", _attacked_samples(attacked), False)
     names = [c.replace("_", " ") for c in CLASSES]
-    from_shards = typographic_eval(tiny_model, tokenizer, preprocess, str(tmp_path / "clean" / "clean-{000..001}.tar"),
-                                   str(tmp_path / "attacked"), classnames=names)
+    from_shards = typographic_eval(tiny_model, tokenizer, preprocess, str(shards / "clean" / "clean-{000..001}.tar"),
+                                   str(shards / "attacked"), classnames=names)
     from_folders = typographic_eval(tiny_model, tokenizer, preprocess, clean, attacked)
     assert from_shards == pytest.approx(from_folders)
+
+
+def test_on_the_fly_attack_on_shards_does_not_depend_on_workers(shards, checkpoints, tmp_path):
+    base, _ = checkpoints
+    results = []
+    for workers in ("0", "2"):
+        out = tmp_path / f"w{workers}.json"
+        assert _run_cli(["zeroshot", "--model", "po-tiny", "--pretrained", str(base), "--images",
+                         str(shards / "clean"), "--attack-on-the-fly", "--seed", "4", "--workers", workers,
+                         "--batch-size", "4", "--output", str(out)]) == 0
+        results.append(json.loads(out.read_text())["metrics"])
+    assert results[0] == results[1]
+    # classnames.txt beside the shards was used; the two image-less samples were counted, not dropped.
+    assert results[0]["num_clean"] == len(CLASSES) * PER_CLASS and results[0]["skipped_clean"] == 2
+    assert results[0]["num_typographic"] == len(CLASSES) * PER_CLASS
 
 
 # ---------------------------------------------------------------------------------------------------------------

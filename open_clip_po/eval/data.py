@@ -121,7 +121,11 @@ def scan_typographic_folder(root, clean_classes: Sequence[str]) -> list[tuple[st
 
 
 class OnTheFlyAttack:
-    """Print a wrong class name on each image, reproducibly per (seed, sample index)."""
+    """Print a wrong class name on each image, reproducibly per (seed, sample id).
+
+    The sample id is the index in a class folder, ``<shard name>/<key>`` in shards: the attack does
+    not depend on batch size, workers or shard order.
+    """
 
     def __init__(self, classnames: Sequence[str], seed: int, fonts=None):
         from open_clip_po.data.typographic import pick_written_class, render_attack
@@ -129,9 +133,8 @@ class OnTheFlyAttack:
         self.classnames, self.seed, self.fonts = list(classnames), int(seed), fonts
         self._pick, self._render = pick_written_class, render_attack
 
-    def __call__(self, image: Image.Image, label: int, index: int) -> tuple[Image.Image, int]:
-        # Seeded per sample, not per loader: identical attacks whatever the batch size or workers.
-        rng = random.Random(self.seed * 1_000_003 + index)
+    def __call__(self, image: Image.Image, label: int, sample_id) -> tuple[Image.Image, int]:
+        rng = random.Random(f"{self.seed}:{sample_id}")
         written = self._pick(label, len(self.classnames), rng)
         attacked, _params = self._render(image, self.classnames[written], rng, fonts=self.fonts)
         return attacked, written
@@ -213,9 +216,10 @@ class ShardDataset(IterableDataset):
         import webdataset as wds
 
         # Decode by hand so a bad sample is counted rather than swallowed by a handler.
+        # Every caller reads every shard: evaluation runs on one rank, even inside a distributed job.
         pipeline = wds.WebDataset(self.urls, shardshuffle=False, empty_check=False,
-                                  workersplitter=wds.split_by_worker)
-        for index, sample in enumerate(pipeline):
+                                  nodesplitter=lambda urls: urls, workersplitter=wds.split_by_worker)
+        for sample in pipeline:
             if "__key__" not in sample:   # webdataset's end-of-shard marker, not a sample
                 continue
             key = f"{sample.get('__url__', '?')}:{sample['__key__']}"
@@ -235,7 +239,8 @@ class ShardDataset(IterableDataset):
                 yield None
                 continue
             if self.attack is not None:
-                image, written = self.attack(image, label, index)
+                sample_id = f"{os.path.basename(str(sample.get('__url__', '')))}/{sample['__key__']}"
+                image, written = self.attack(image, label, sample_id)
             yield self.preprocess(image), label, written
 
 
