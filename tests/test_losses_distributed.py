@@ -61,6 +61,11 @@ def objectives(batch, gather: bool) -> dict:
     values["kto/exact"] = kto(pc, pr, rc, rr, kl=L.kto_reference_point_exact(pm, rm))["loss"]
     fpkl, frkl = L.kto_kl_logps(fpm, frm, chosen_index=L.gather_features(batch["ci"]) if gather else batch["ci"])
     values["kto/classes"] = kto(fpc, fpr, frc, frr, policy_kl_logps=fpkl, ref_kl_logps=frkl)["loss"]
+    # local rows, fixed candidates, no gather: only z crosses ranks (TRL's gathered mean), so the mean of
+    # the ranks' losses is the one-process loss and each rank's gradient is WORLD times its slice
+    lpc, lpr, lpm = L.pair_logps(leaves["img"], None, None, scale, **dict(fixed, gather=False))
+    lrc, lrr, lrm = L.pair_logps(batch["ref_img"], None, None, 8.0, **dict(ref_fixed, gather=False))
+    values["kto/classes/local"] = kto(lpc, lpr, lrc, lrr, kl=L.kto_reference_point_exact(lpm, lrm))["loss"]
     for direction in ("forward", "reverse"):
         values["kl/" + direction] = L.kl_regulariser(leaves["reg_img"], leaves["reg_txt"], batch["ref_reg_img"],
                                                      batch["ref_reg_txt"], scale, 8.0, direction, gather=gather)
@@ -103,6 +108,13 @@ def test_two_gloo_ranks_match_one_process_on_the_concatenated_batch(tmp_path):
     single = objectives(global_batch(), gather=False)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     shared = ("prompts", "scale")  # same tensor on every rank: each rank's gradient is the full one
+    local = single.pop("kto/classes/local")
+    assert torch.allclose(sum(r["kto/classes/local"]["loss"] for r in ranks) / WORLD, local["loss"], rtol=1e-12)
+    for rank, got in enumerate(ranks):
+        want = local["img"][rank * B:(rank + 1) * B] * WORLD
+        assert torch.allclose(got["kto/classes/local"]["img"], want, rtol=1e-10, atol=1e-13), rank
+    assert torch.allclose(sum(r["kto/classes/local"]["prompts"] for r in ranks) / WORLD, local["prompts"],
+                          rtol=1e-10, atol=1e-13)
     for name, expected in single.items():
         for rank, got in enumerate(ranks):
             assert torch.allclose(got[name]["loss"], expected["loss"], rtol=1e-12, atol=1e-14), (name, rank)
