@@ -40,7 +40,7 @@ def scale_head(W: torch.Tensor, t: float) -> torch.Tensor:
     U, S, Vh = torch.linalg.svd(W.detach().to(torch.float64))
     if t < 0:
         # A singular value that is zero at W's own precision has no finite negative power.
-        tol = S.max() * W.shape[0] * torch.finfo(W.dtype).eps
+        tol = S.max() * torch.finfo(W.dtype).eps
         if S.min() <= tol:
             raise SurgeryError(f"the head W is singular (smallest singular value {S.min().item():.3g}); "
                                f"t = {t:g} < 0 would invert a zero singular value")
