@@ -11,7 +11,7 @@ __all__ = ["PreferenceLoss", "PairwiseLoss", "policy_ratio", "reward_metrics"]
 
 def policy_ratio(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
                  ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor) -> torch.Tensor:
-    """Eq. 8: ``h = (log π_θ(y_w|x) − log π_ref(y_w|x)) − (log π_θ(y_l|x) − log π_ref(y_l|x))``, per sample."""
+    """Eq. 8, per sample: ``h = (log π_θ(y_w|x) − log π_ref(y_w|x)) − (log π_θ(y_l|x) − log π_ref(y_l|x))``."""
     return (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
 
 

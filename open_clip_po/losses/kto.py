@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import PreferenceLoss, _check_positive, reward_metrics
+from .base import PreferenceLoss, reward_metrics
 from .distributed import mean_across_ranks
 from .logps import pick
 from .regulariser import categorical_kl

@@ -23,7 +23,8 @@ def policy_logps(image_features: torch.Tensor, candidate_features: torch.Tensor,
         raise ValueError(f"policy_logps expects image [B, D] and candidate [K, D] features, got "
                          f"{tuple(image_features.shape)} and {tuple(candidate_features.shape)}")
     if image_features.shape[1] != candidate_features.shape[1]:
-        raise ValueError(f"feature dims differ: image {image_features.shape[1]}, candidates {candidate_features.shape[1]}")
+        raise ValueError(f"feature dims differ: image {image_features.shape[1]}, "
+                         f"candidates {candidate_features.shape[1]}")
     return F.log_softmax(logit_scale * image_features @ candidate_features.T, dim=-1)
 
 
@@ -79,12 +80,13 @@ def pair_logps(image_features: torch.Tensor, chosen_features: torch.Tensor | Non
                          "and chosen_index/rejected_index [B]")
     if chosen_index is None or rejected_index is None:
         raise ValueError("pair_logps: candidates=[K, D] needs chosen_index and rejected_index (LongTensors [B])")
+    batch, k = image_features.shape[0], candidates.shape[0]
     for name, index in (("chosen_index", chosen_index), ("rejected_index", rejected_index)):
-        if index.shape != (image_features.shape[0],):
-            raise ValueError(f"pair_logps: {name} must have shape [{image_features.shape[0]}], got {tuple(index.shape)}")
-        if index.dtype not in (torch.int64, torch.int32) or (index.numel() and not
-                                                             0 <= int(index.min()) <= int(index.max()) < len(candidates)):
-            raise ValueError(f"pair_logps: {name} must hold integers in [0, {len(candidates)})")
+        if index.shape != (batch,):
+            raise ValueError(f"pair_logps: {name} must have shape [{batch}], got {tuple(index.shape)}")
+        in_range = index.numel() == 0 or 0 <= int(index.min()) <= int(index.max()) < k
+        if index.dtype not in (torch.int64, torch.int32) or not in_range:
+            raise ValueError(f"pair_logps: {name} must hold integers in [0, {k})")
     if gather:
         image_features = gather_features(image_features)
         chosen_index = gather_features(chosen_index.long())
