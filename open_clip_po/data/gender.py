@@ -57,7 +57,7 @@ def read_rows(csv_path, images_root=None) -> list[dict]:
 
 
 def _encode(row, image_size, image_format, quality):
-    return encode_image(fit_square(load_image(row["path"]), image_size), image_format, quality)
+    return encode_image(fit_square(load_image(row["path"], image_size), image_size), image_format, quality)
 
 
 def build_gender(csv_path, out, images_root=None, template="The {gender} is {activity}",

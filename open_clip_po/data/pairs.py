@@ -26,7 +26,7 @@ from .shards import (META, TXT, ShardWriter, add_writer_args, encode_image, fit_
 
 def _encode(item, image_size, image_format, quality, root):
     path, label = item
-    image = fit_square(load_image(path), image_size)
+    image = fit_square(load_image(path, image_size), image_size)
     return encode_image(image, image_format, quality), label, str(Path(path).relative_to(root))
 
 

@@ -157,18 +157,15 @@ class ShardWriter:
 
 # -- images
 def fit_square(image: Image.Image, size: int | None) -> Image.Image:
-    """RGB; with ``size``, resize the shorter side to ``size`` and centre-crop to ``size x size``."""
+    """RGB; with ``size``, the centred square of the image resized to ``size x size``."""
     image = image.convert("RGB")
-    if size is None:
+    if size is None or image.size == (size, size):
         return image
     w, h = image.size
-    scale = size / min(w, h)
-    if (w, h) != (size, size):
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        image = image.resize((nw, nh), Image.BICUBIC)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        image = image.crop((left, top, left + size, top + size))
-    return image
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    # Resampling only the central square (box=) costs less than resizing everything and cropping after.
+    return image.resize((size, size), Image.BICUBIC, box=(left, top, left + side, top + side))
 
 
 def encode_image(image: Image.Image, fmt: str = "jpg", quality: int = 95) -> bytes:
@@ -184,9 +181,12 @@ def encode_image(image: Image.Image, fmt: str = "jpg", quality: int = 95) -> byt
     return buf.getvalue()
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
+def load_image(path: str | os.PathLike, min_side: int | None = None) -> Image.Image:
+    """RGB image; with ``min_side``, JPEGs are decoded at the smallest DCT scale keeping both sides >= it."""
     try:
         with Image.open(path) as im:
+            if min_side is not None and im.format == "JPEG":
+                im.draft("RGB", (min_side, min_side))
             return im.convert("RGB")
     except Exception as exn:  # Pillow raises several types; name the file once, clearly
         raise ValueError(f"cannot read image {path}: {exn}") from exn

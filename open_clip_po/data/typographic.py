@@ -122,7 +122,7 @@ def render_attack(image: Image.Image, text: str, rng: random.Random, fonts=None,
     xy = (x0 - left, y0 - top)
     draw.multiline_text(xy, drawn, font=_font(font_path, size), fill=COLORS[fill], stroke_width=sw,
                         stroke_fill=COLORS[stroke], spacing=spacing)
-    bbox = [int(v) for v in bbox_at(size, xy)]
+    bbox = [x0, y0, x0 + right - left, y0 + bottom - top]  # the bbox at (0, 0), moved by xy
     params = {"text": drawn, "font": os.path.basename(font_path), "size": size, "fill": fill, "stroke": stroke,
               "stroke_width": sw, "xy": list(xy), "bbox": bbox}
     return image, params
@@ -137,7 +137,7 @@ def _sample_rng(kind: str, seed: int, source: str, copy: int = 0) -> random.Rand
 def _attack_one(item, root, names, image_size, per_image, fonts, size_range, image_format, quality, seed):
     path, label = item
     source = Path(path).relative_to(root).as_posix()
-    clean = fit_square(load_image(path), image_size)
+    clean = fit_square(load_image(path, image_size), image_size)
     attacks = []
     for copy in range(per_image):
         rng = _sample_rng("typographic", seed, source, copy)
@@ -152,7 +152,7 @@ def _attack_eval(item, root, out, names, image_size, fonts, size_range, seed):
     source = Path(path).relative_to(root).as_posix()
     rng = _sample_rng("typographic-eval", seed, source)
     written = pick_written_class(label, len(names), rng)
-    attacked, params = render_attack(fit_square(load_image(path), image_size), names[written], rng,
+    attacked, params = render_attack(fit_square(load_image(path, image_size), image_size), names[written], rng,
                                      fonts=fonts, size_range=size_range)
     rel = Path(source)
     target = Path(out) / rel.parent / f"{rel.stem}_true{label}_written{written}.png"
