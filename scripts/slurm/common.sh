@@ -82,13 +82,17 @@ po_launch() {
         REG_DATA=$(po_shard_pattern "$DATA_DIR" reg) || exit 1
     fi
     : "${MODEL:=ViT-B-32}"
-    : "${PRETRAINED:=openai}"
+    : "${PRETRAINED=openai}"           # PRETRAINED= (empty): random init
     : "${LOGS:=logs}"
     : "${GPUS_PER_NODE:=8}"
     : "${GLOBAL_BATCH:=512}"
     : "${LR:=2e-5}"
     : "${EPOCHS:=3}"
     : "${OPT:=timm/adamax}"
+    # open_clip hands eps=None to timm optimizers unless --eps is given (Adamax then fails): torch's default.
+    : "${EPS:=1e-8}"
+    # The paper names no weight decay; 0 is Adamax's own default (open_clip's 0.2 is for pre-training AdamW).
+    : "${WD:=0}"
     : "${WARMUP_FRACTION:=0.1}"
     : "${SEED:=0}"
     : "${PO_AVERAGE:=}"                # none | bma | ema; empty = open_clip_po.main's default
@@ -137,14 +141,17 @@ po_launch() {
 
     local -a train_args=(
         --po-loss "$PO_LOSS" --po-beta "$PO_BETA" --po-reg-lambda "$PO_REG_LAMBDA"
-        --model "$MODEL" --pretrained "$PRETRAINED"
+        --model "$MODEL"
         --train-data "$TRAIN_DATA"
         --logs-dir "$LOGS" --name "$name"
-        --batch-size "$BATCH_SIZE" --lr "$LR" --epochs "$EPOCHS" --opt "$OPT"
+        --batch-size "$BATCH_SIZE" --lr "$LR" --epochs "$EPOCHS" --opt "$OPT" --eps "$EPS" --wd "$WD"
         --warmup "$warmup" --lr-scheduler cosine --seed "$SEED"
         --workers "$workers" --precision "$precision" --dist-backend "$backend"
         --save-frequency 1
     )
+    if [ -n "$PRETRAINED" ]; then
+        train_args+=(--pretrained "$PRETRAINED")
+    fi
     if [ -n "$REG_DATA" ]; then
         train_args+=(--po-reg-data "$REG_DATA")
     fi

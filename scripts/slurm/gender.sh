@@ -2,7 +2,7 @@
 # shellcheck source-path=SCRIPTDIR
 # Flipping CLIP's gender understanding (paper Sec. 4.2): y_w = the caption with the gender flipped, y_l = the
 # original; the regulariser sees the same images with androgynous captions ("The person is <activity>"). As in the
-# paper only a linear head W is trained (the backbone is locked); scale it afterwards with
+# paper only a linear head W is trained (LINEAR_HEAD=1, the towers stay frozen); scale it afterwards with
 # python -m open_clip_po.svd_scale. beta = lambda = 1 for every objective (PO_LOSS=dpo|ipo|kto).
 #   mkdir -p logs && DATA_DIR=data/gender sbatch scripts/slurm/gender.sh [extra open_clip_po.main flags]
 #SBATCH --job-name=po-gender
@@ -31,10 +31,8 @@ fi
 : "${PO_BETA:=1}"
 : "${PO_REG_LAMBDA:=1}"
 : "${DATA_DIR:=data/gender}"  # python -m open_clip_po.data.gender --out DATA_DIR ...
-: "${HEAD_ONLY:=1}"           # 1: train only the linear head W (paper); 0: the whole model plus W
-if [ "$HEAD_ONLY" = 1 ]; then
-    set -- --po-linear-head --lock-image --lock-text --lock-text-freeze-layer-norm "$@"
-else
+: "${LINEAR_HEAD:=1}"         # 1: train only a linear head W on the frozen towers (paper); 0: the whole model
+if [ "$LINEAR_HEAD" = 1 ]; then
     set -- --po-linear-head "$@"
 fi
 po_launch "$@"
