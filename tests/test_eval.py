@@ -341,6 +341,10 @@ def test_find_crossing_interpolates_linearly():
     assert find_crossing([0, 1, 2], [1.0, 0.5, -1.5]) == pytest.approx(1.25)
     assert find_crossing([0, 0.5, 1], [0.2, 0.0, -0.3]) == 0.5
     assert math.isnan(find_crossing([0, 1], [0.3, 0.1]))
+    # Several crossings: the first met going from the base model (t = 0) towards the head, else the nearest below.
+    ts = [-2, -1, 0, 1, 2]
+    assert find_crossing(ts, [1, -1, -0.5, 0.5, 1]) == pytest.approx(0.5)
+    assert find_crossing(ts, [1, -1, -0.5, -0.5, -1]) == pytest.approx(-1.5)
 
 
 def test_gender_curves_find_the_analytic_crossing():
@@ -381,7 +385,8 @@ def _gender_csv(tmp_path):
     return tmp_path / "people.csv"
 
 
-def test_gender_cli_writes_curves_retrieval_and_plots(checkpoints, tmp_path):
+def test_gender_cli_writes_curves_retrieval_and_plots(checkpoints, tmp_path, tiny_model, head_weight_matrix,
+                                                      tiny_model_and_transforms):
     from open_clip_po.eval.report import SINGLE_FIGSIZE, WIDE_FIGSIZE, figure_pixels
 
     _, head = checkpoints
@@ -395,11 +400,29 @@ def test_gender_cli_writes_curves_retrieval_and_plots(checkpoints, tmp_path):
     assert result["curves"]["t"] == [0, 0.25, 0.5, 0.75, 1]
     for p_true, p_flip in zip(result["curves"]["p_true_gender"], result["curves"]["p_flipped_gender"]):
         assert p_true + p_flip == pytest.approx(1)
-    assert "t_star" in result["metrics"]
+    curves = result["curves"]
+    diff = [a - b for a, b in zip(curves["p_true_gender"], curves["p_flipped_gender"])]
+    from open_clip_po.eval import find_crossing
+    t_star = result["metrics"]["t_star"]
+    assert (t_star is None and math.isnan(find_crossing(curves["t"], diff))) or \
+        t_star == pytest.approx(find_crossing(curves["t"], diff))
     for label, rows in result["retrieval"].items():
         assert [r["prompt"] for r in rows] == ["an image of a cook"]
         assert rows[0]["men"] + rows[0]["women"] == rows[0]["k"] == 3
-    assert len((out.parent / "gender_images.csv").read_text().splitlines()) == 9
+    import csv
+
+    per_image = list(csv.DictReader(open(out.parent / "gender_images.csv")))
+    assert len(per_image) == 8
+    # P(man) at t = 0 is the base model's, at t = 1 the trained head's: brute force, one image at a time.
+    _, _, preprocess, tokenizer = tiny_model_and_transforms
+    for column, model in (("p_man_t0", tiny_model.eval()), ("p_man_t1", _with_head(tiny_model, head_weight_matrix))):
+        for row in per_image[:3]:
+            with torch.no_grad():
+                x = F.normalize(model.encode_image(preprocess(Image.open(row["image"]).convert("RGB"))[None]), dim=-1)
+                texts = F.normalize(model.encode_text(tokenizer([f"The man is {row['activity']}.",
+                                                                 f"The woman is {row['activity']}."])), dim=-1)
+                p_man = torch.softmax(model.logit_scale.exp() * x @ texts.T, dim=-1)[0, 0].item()
+            assert float(row[column]) == pytest.approx(p_man, abs=1e-5), (column, row["image"])
     with Image.open(out.with_suffix(".png")) as png:
         assert png.size == figure_pixels(WIDE_FIGSIZE)
     with Image.open(out.parent / "gender_retrieval.png") as png:

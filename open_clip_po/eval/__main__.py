@@ -17,6 +17,18 @@ from .templates import TEMPLATE_FAMILIES
 PROG = "python -m open_clip_po.eval"
 
 
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
 def _add_model_args(p, pretrained_help="checkpoint file (open_clip_po or stock open_clip) or open_clip pretrained tag",
                     multiple=False):
     p.add_argument("--model", required=True, help="open_clip model name, e.g. ViT-B-32 or po-tiny")
@@ -27,8 +39,8 @@ def _add_model_args(p, pretrained_help="checkpoint file (open_clip_po or stock o
     p.add_argument("--weights", choices=WEIGHT_CHOICES, default="raw",
                    help="raw weights or the checkpoint's bma/ema average (default: raw)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (default: 2)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=64)
+    p.add_argument("--workers", type=_int_at_least(0), default=2, help="DataLoader workers (default: 2)")
 
 
 def _add_data_args(p, attacks=True):
@@ -94,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="androgynous caption for activity accuracy and default retrieval prompts (default: %(default)s)")
     p.add_argument("--retrieval-prompt", action="append", default=None,
                    help="retrieval prompt, e.g. 'an image of a police'; repeatable (default: the neutral captions)")
-    p.add_argument("--top-k", type=int, default=10, help="retrieved images per prompt (default: %(default)s)")
+    p.add_argument("--top-k", type=_int_at_least(1), default=10, help="retrieved images per prompt (default: %(default)s)")
     p.add_argument("--output", default="gender.json", help="JSON path (default: %(default)s)")
 
     p = sub.add_parser("kl", help="mean KL(π_θ‖π_ref) on clean images (Fig. 5)",

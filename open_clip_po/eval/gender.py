@@ -27,15 +27,26 @@ DEFAULT_CAPTION = "The {gender} is {activity}."
 DEFAULT_NEUTRAL = "The person is {activity}."
 
 
-def find_crossing(ts: Sequence[float], diff: Sequence[float]) -> float:
-    """First t where ``diff`` changes sign, linearly interpolated between grid points; NaN if never."""
+def find_crossings(ts: Sequence[float], diff: Sequence[float]) -> list[float]:
+    """Every t where ``diff`` is zero or changes sign, linearly interpolated between grid points."""
     ts, diff = [float(t) for t in ts], [float(d) for d in diff]
+    crossings = []
     for i in range(len(ts)):
         if diff[i] == 0.0:
-            return ts[i]
-        if i + 1 < len(ts) and diff[i] * diff[i + 1] < 0:
-            return ts[i] + (ts[i + 1] - ts[i]) * diff[i] / (diff[i] - diff[i + 1])
-    return float("nan")
+            crossings.append(ts[i])
+        elif i + 1 < len(ts) and diff[i] * diff[i + 1] < 0:
+            crossings.append(ts[i] + (ts[i + 1] - ts[i]) * diff[i] / (diff[i] - diff[i + 1]))
+    return crossings
+
+
+def find_crossing(ts: Sequence[float], diff: Sequence[float], start: float = 0.0) -> float:
+    """The crossing met first when moving from t = ``start`` (the base model) towards the trained head;
+    if there is none above ``start``, the nearest below it; NaN if ``diff`` never changes sign."""
+    crossings = find_crossings(ts, diff)
+    above = [t for t in crossings if t >= start]
+    if above:
+        return min(above)
+    return max(crossings) if crossings else float("nan")
 
 
 def read_gender_csv(path: str) -> list[dict]:
@@ -103,6 +114,7 @@ def gender_curves(heads: dict, images: torch.Tensor, is_man: torch.Tensor, activ
     out["p_man"] = torch.stack(p_man_all)
     diff = [a - b for a, b in zip(out["p_true_gender"], out["p_flipped_gender"])]
     out["t_star"] = find_crossing(ts, diff)
+    out["crossings"] = find_crossings(ts, diff)
     # Per image: where P(man) = P(woman).
     out["t_star_per_image"] = [find_crossing(ts, (2 * out["p_man"][:, i] - 1).tolist())
                                for i in range(images.shape[0])]
@@ -183,6 +195,10 @@ def run_gender(args) -> dict:
     for template, fields in ((args.caption, ("{gender}", "{activity}")), (args.neutral_caption, ("{activity}",))):
         if not all(f in template for f in fields):
             raise EvalError(f"caption template {template!r} must contain {' and '.join(fields)}")
+        try:
+            template.format(gender="man", activity="x")
+        except (KeyError, IndexError, ValueError) as e:
+            raise EvalError(f"caption template {template!r} has a field other than {{gender}}/{{activity}}: {e}") from None
     ts = parse_t_values(args.t)
     rows = read_gender_csv(args.csv)
     model, preprocess = load_eval_model(args.model, args.pretrained, weights=args.weights, device=args.device)
@@ -227,16 +243,18 @@ def run_gender(args) -> dict:
     columns = ("t", "p_true_gender", "p_flipped_gender", "p_man_men", "p_woman_women", "activity_accuracy")
     write_csv([{c: curves[c][i] for c in columns} for i in range(len(ts))], output.with_suffix(".csv"), columns)
     p_man = curves["p_man"]
+    ends = gender_curves(scaled_heads(weight, [0.0, 1.0]), encoded["features"], is_man, activity, raw(man_prompts),
+                         raw(woman_prompts), raw(neutral_prompts), logit_scale(model))["p_man"]
     per_image = [{"image": rows[r]["image"], "gender": rows[r]["gender"], "activity": rows[r]["activity"],
-                  "t_star": curves["t_star_per_image"][j], "p_man_first_t": p_man[0, j].item(),
-                  "p_man_last_t": p_man[-1, j].item()} for j, r in enumerate(kept)]
+                  "t_star": curves["t_star_per_image"][j], "p_man_t0": ends[0, j].item(),
+                  "p_man_t1": ends[1, j].item()} for j, r in enumerate(kept)]
     write_csv(per_image, output.with_name(output.stem + "_images.csv"))
     finite = torch.tensor([t for t in curves["t_star_per_image"] if math.isfinite(t)])
     result = {
         "dataset": Path(args.csv).name, "model": args.model, "pretrained": args.pretrained, "task": "gender_flip",
         "weights": args.weights, "caption": args.caption, "neutral_caption": args.neutral_caption,
         "num_images": len(kept), "skipped": encoded["skipped"], "activities": activities,
-        "metrics": {"t_star": curves["t_star"],
+        "metrics": {"t_star": curves["t_star"], "crossings": curves["crossings"],
                     "t_star_per_image_median": finite.median().item() if finite.numel() else float("nan"),
                     "images_with_crossing": int(finite.numel())},
         "curves": {c: curves[c] for c in columns},
