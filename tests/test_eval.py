@@ -373,6 +373,22 @@ def test_gender_curves_find_the_analytic_crossing():
     assert curves["activity_accuracy"] == [1.0] * len(ts)   # one activity: always right
 
 
+def test_retrieval_counts_men_and_women_in_the_top_k():
+    from open_clip_po.eval.gender import retrieval_counts
+
+    # Similarity to the prompt e1 is the first coordinate after normalisation: images 3, 0, 4 are the top 3.
+    images = torch.tensor([[0.9, 0.1], [0.1, 1.0], [0.2, 0.9], [1.0, 0.0], [0.7, 0.3]])
+    is_man = torch.tensor([True, False, True, False, False])
+    rows = retrieval_counts(None, images, is_man, torch.tensor([[2.0, 0.0]]), ["p"], k=3)
+    assert rows == [{"prompt": "p", "k": 3, "men": 1, "women": 2, "women_fraction": pytest.approx(2 / 3)}]
+    # Prompt (1, 1): cosine ranks images 4, 2, 0 (2 men, 1 woman). Under W = diag(1, 10) on both towers the
+    # score is (x + 100 y) / |(x, 10 y)|: images 2, 1, 4 (1 man, 2 women).
+    prompt = torch.tensor([[1.0, 1.0]])
+    assert retrieval_counts(None, images, is_man, prompt, ["p"], k=3)[0]["men"] == 2
+    rows = retrieval_counts(torch.diag(torch.tensor([1.0, 10.0])), images, is_man, prompt, ["p"], k=3)
+    assert (rows[0]["men"], rows[0]["women"]) == (1, 2)
+
+
 def _gender_csv(tmp_path):
     rng = random.Random(5)
     lines = ["image,gender,activity"]

@@ -242,7 +242,6 @@ def run_gender(args) -> dict:
     output = Path(args.output)
     columns = ("t", "p_true_gender", "p_flipped_gender", "p_man_men", "p_woman_women", "activity_accuracy")
     write_csv([{c: curves[c][i] for c in columns} for i in range(len(ts))], output.with_suffix(".csv"), columns)
-    p_man = curves["p_man"]
     ends = gender_curves(scaled_heads(weight, [0.0, 1.0]), encoded["features"], is_man, activity, raw(man_prompts),
                          raw(woman_prompts), raw(neutral_prompts), logit_scale(model))["p_man"]
     per_image = [{"image": rows[r]["image"], "gender": rows[r]["gender"], "activity": rows[r]["activity"],
