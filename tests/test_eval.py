@@ -435,8 +435,8 @@ def test_gender_cli_writes_curves_retrieval_and_plots(checkpoints, tmp_path, tin
         for row in per_image[:3]:
             with torch.no_grad():
                 x = F.normalize(model.encode_image(preprocess(Image.open(row["image"]).convert("RGB"))[None]), dim=-1)
-                texts = F.normalize(model.encode_text(tokenizer([f"The man is {row['activity']}.",
-                                                                 f"The woman is {row['activity']}."])), dim=-1)
+                texts = F.normalize(model.encode_text(tokenizer([f"The man is {row['activity']}",
+                                                                 f"The woman is {row['activity']}"])), dim=-1)
                 p_man = torch.softmax(model.logit_scale.exp() * x @ texts.T, dim=-1)[0, 0].item()
             assert float(row[column]) == pytest.approx(p_man, abs=1e-5), (column, row["image"])
     with Image.open(out.with_suffix(".png")) as png:

@@ -12,6 +12,7 @@ import sys
 from open_clip_po.checkpoint import WEIGHT_CHOICES, CheckpointError
 
 from .errors import EvalError
+from .gender import DEFAULT_CAPTION, DEFAULT_NEUTRAL
 from .templates import TEMPLATE_FAMILIES
 
 PROG = "python -m open_clip_po.eval"
@@ -100,9 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", required=True, help="CSV with a header: image (path, relative to the CSV), gender "
                                                 "(man/woman or male/female), activity")
     p.add_argument("--t", default="0:1:0.05", help="grid of t (default: %(default)s)")
-    p.add_argument("--caption", default="The {gender} is {activity}.",
-                   help="gendered caption; {gender} becomes man/woman (default: %(default)s)")
-    p.add_argument("--neutral-caption", default="The person is {activity}.",
+    p.add_argument("--images-root", default=None,
+                   help="folder the CSV's image paths are relative to (default: the CSV's folder)")
+    p.add_argument("--caption", default=DEFAULT_CAPTION,
+                   help="gendered caption; {gender} becomes man/woman; the same as the gender shards' --template "
+                        "(default: %(default)s)")
+    p.add_argument("--neutral-caption", default=DEFAULT_NEUTRAL,
                    help="androgynous caption for activity accuracy and default retrieval prompts (default: %(default)s)")
     p.add_argument("--retrieval-prompt", action="append", default=None,
                    help="retrieval prompt, e.g. 'an image of a police'; repeatable (default: the neutral captions)")

@@ -1,10 +1,10 @@
 """Gender flipping over t (paper Fig. 3) and the gender mix of retrieved images (Fig. 4).
 
 For each image of a man or a woman doing an activity, the model chooses between
-"The man is <activity>." and "The woman is <activity>." (the training pair). Over t, with
+"The man is <activity>" and "The woman is <activity>" (the training pair). Over t, with
 W_t = U Σ^t Vᵀ, the probability of the image's own gender falls and the flipped one rises; the
 crossing t* (found by linear interpolation between grid points) is where gender is neutral.
-Activity accuracy uses the androgynous captions "The person is <activity>." (the regulariser's
+Activity accuracy uses the androgynous captions "The person is <activity>" (the regulariser's
 captions), so it measures whether the task survives the flip. Retrieval: for each prompt, the
 top-k images by similarity under W_t at t = 0, t*, 1, counted by gender.
 """
@@ -23,8 +23,9 @@ from .report import SINGLE_FIGSIZE, WIDE_FIGSIZE, new_figure, save_figure, write
 GENDER_ALIASES = {"man": "man", "men": "man", "male": "man", "m": "man",
                   "woman": "woman", "women": "woman", "female": "woman", "f": "woman", "w": "woman"}
 IMAGE_COLUMNS = ("image", "image_path", "path", "filepath", "file", "filename")
-DEFAULT_CAPTION = "The {gender} is {activity}."
-DEFAULT_NEUTRAL = "The person is {activity}."
+# The defaults of open_clip_po.data.gender, so evaluation asks what training taught.
+DEFAULT_CAPTION = "The {gender} is {activity}"
+DEFAULT_NEUTRAL = "The person is {activity}"
 
 
 def find_crossings(ts: Sequence[float], diff: Sequence[float]) -> list[float]:
@@ -49,9 +50,11 @@ def find_crossing(ts: Sequence[float], diff: Sequence[float], start: float = 0.0
     return max(crossings) if crossings else float("nan")
 
 
-def read_gender_csv(path: str) -> list[dict]:
-    """Rows ``{"image", "gender" ∈ {man, woman}, "activity"}``; image paths relative to the CSV's folder."""
+def read_gender_csv(path: str, images_root: str | None = None) -> list[dict]:
+    """Rows ``{"image", "gender" ∈ {man, woman}, "activity"}``; image paths relative to ``images_root``
+    (default: the CSV's folder), as for ``open_clip_po.data.gender``."""
     csv_path = Path(path)
+    root = Path(images_root) if images_root else csv_path.parent
     if not csv_path.is_file():
         raise EvalError(f"gender CSV not found: {csv_path}")
     with open(csv_path, newline="") as f:
@@ -70,7 +73,7 @@ def read_gender_csv(path: str) -> list[dict]:
             if not row["activity"] or not row[image_column]:
                 raise EvalError(f"{csv_path}:{line}: empty image or activity")
             image = Path(row[image_column])
-            rows.append({"image": str(image if image.is_absolute() else csv_path.parent / image),
+            rows.append({"image": str(image if image.is_absolute() else root / image),
                          "gender": gender, "activity": row["activity"]})
     if not rows:
         raise EvalError(f"{csv_path} has no rows")
@@ -200,7 +203,7 @@ def run_gender(args) -> dict:
         except (KeyError, IndexError, ValueError) as e:
             raise EvalError(f"caption template {template!r} has a field other than {{gender}}/{{activity}}: {e}") from None
     ts = parse_t_values(args.t)
-    rows = read_gender_csv(args.csv)
+    rows = read_gender_csv(args.csv, args.images_root)
     model, preprocess = load_eval_model(args.model, args.pretrained, weights=args.weights, device=args.device)
     weight = head_weight(model)
     if weight is None:
