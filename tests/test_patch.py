@@ -213,3 +213,16 @@ def test_adapter_rejects_texts_that_are_not_chosen_then_rejected():
     img, txt = _features()
     with pytest.raises(ValueError, match=r"has 4 rows for 4 images; expected 2B = 8"):
         dpo()(img, txt[:4], torch.tensor(10.0))
+
+
+def test_to_open_clip_batch_stacks_chosen_over_rejected():
+    from open_clip_po.losses.open_clip_adapter import to_open_clip_batch
+
+    images = torch.zeros(2, 3, 8, 8)
+    chosen, rejected = torch.tensor([[1, 2], [3, 4]]), torch.tensor([[5, 6], [7, 8]])
+    out_images, texts, extra = to_open_clip_batch(
+        {"images": images, "chosen": chosen, "rejected": rejected, "skipped": {"decode": 1}})
+    assert out_images is images and texts.tolist() == [[1, 2], [3, 4], [5, 6], [7, 8]]
+    assert extra == {"skipped": {"decode": 1}}
+    with pytest.raises(KeyError, match="lacks rejected"):
+        to_open_clip_batch({"images": images, "chosen": chosen})

@@ -34,7 +34,7 @@ from .kto import kto_reference_point_exact
 from .logps import pair_logps
 from .registry import get_loss
 
-__all__ = ["OpenClipPreferenceLoss", "dpo", "ipo", "kto", "hinge", "robust", "ref_free", "ce"]
+__all__ = ["OpenClipPreferenceLoss", "to_open_clip_batch", "dpo", "ipo", "kto", "hinge", "robust", "ref_free", "ce"]
 
 
 class OpenClipPreferenceLoss(nn.Module):
@@ -90,6 +90,20 @@ class OpenClipPreferenceLoss(nn.Module):
         out = self.objective(policy_chosen, policy_rejected, ref_chosen, ref_rejected, kl=kl)
         loss = out["loss"]
         return {f"{self.objective_name}_loss": loss} if output_dict else loss
+
+
+def to_open_clip_batch(batch: dict) -> tuple:
+    """A triplet batch of ``open_clip_po.data`` (dict with ``images``, ``chosen``, ``rejected``) as open_clip's
+    train loop wants it: ``(images, texts = [chosen; rejected], extra)``, ``extra`` being the rest of the dict.
+    The third field relies on the patched ``train_one_epoch`` (``images, texts, *extra = batch``)."""
+    missing = [k for k in ("images", "chosen", "rejected") if k not in batch]
+    if missing:
+        raise KeyError(f"to_open_clip_batch: batch lacks {', '.join(missing)} (has {', '.join(batch)})")
+    if batch["chosen"].shape != batch["rejected"].shape:
+        raise ValueError(f"to_open_clip_batch: chosen {tuple(batch['chosen'].shape)} and rejected "
+                         f"{tuple(batch['rejected'].shape)} token shapes differ")
+    extra = {k: v for k, v in batch.items() if k not in ("images", "chosen", "rejected")}
+    return batch["images"], torch.cat([batch["chosen"], batch["rejected"]]), extra
 
 
 def _factory(objective: str):
