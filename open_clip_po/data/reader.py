@@ -103,8 +103,10 @@ def group_members(members):
 
 
 def _open_failed(counter: SkipCounter, prefix: str, exn: Exception) -> bool:
-    url = exn.args[-1] if exn.args else None
-    counter.skip(prefix + "unreadable_shard", url, None, f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}")
+    # url_opener appends the url to the exception's args
+    url, reason = (exn.args[-1], exn.args[:-1]) if exn.args else (None, ())
+    detail = getattr(exn, "strerror", None) or " ".join(str(a) for a in reason) or repr(exn)
+    counter.skip(prefix + "unreadable_shard", url, None, f"{type(exn).__name__}: {detail}")
     return True
 
 

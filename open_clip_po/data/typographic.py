@@ -52,10 +52,15 @@ SIZE_RANGE_224 = (20, 40)  # font size range in px on a 224 px image (Defense-Pr
 REFERENCE_SIZE = 224
 
 
+@functools.lru_cache(maxsize=1)
+def _available_fonts() -> tuple[str, ...]:
+    found = tuple(str(DEJAVU_DIR / f) for f in _DEJAVU_FACES if (DEJAVU_DIR / f).is_file())
+    return found or (PIL_DEFAULT_FONT,)
+
+
 def default_fonts() -> list[str]:
     """DejaVu faces present on this machine, else Pillow's built-in font."""
-    found = [str(DEJAVU_DIR / f) for f in _DEJAVU_FACES if (DEJAVU_DIR / f).is_file()]
-    return found or [PIL_DEFAULT_FONT]
+    return list(_available_fonts())
 
 
 @functools.lru_cache(maxsize=1024)
