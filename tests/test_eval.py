@@ -532,3 +532,21 @@ def test_error_lines(folders, checkpoints, tmp_path, capsys):
                                "--workers", "0", "--output", str(tmp_path / "s.json")])
     assert "no linear head" in err
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "s.json").exists()
+
+
+def test_module_entry_point_one_line_error_and_help(tmp_path):
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "open_clip_po.eval", "zeroshot", "--model", "po-tiny",
+                          "--pretrained", str(tmp_path / "missing.pt"), "--images", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        f"python -m open_clip_po.eval zeroshot: error: checkpoint not found: {tmp_path / 'missing.pt'}"]
+    from open_clip_po.eval.__main__ import build_parser
+
+    for command in ("zeroshot", "sweep", "gender", "kl"):
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser().parse_args([command, "--help"])
+        assert exit_info.value.code == 0

@@ -33,6 +33,12 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return _unwrap(model)
 
 
+class _DropRandomInitWarning(logging.Filter):
+    # open_clip warns "No pretrained weights loaded ... initialized randomly" before we load the checkpoint.
+    def filter(self, record):
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
 def load_eval_model(model_name: str, pretrained: str, *, weights: str = "raw", device="cpu"):
     """``(model in eval mode, preprocess_val)`` from a checkpoint file or an open_clip pretrained tag."""
     import open_clip
@@ -41,7 +47,12 @@ def load_eval_model(model_name: str, pretrained: str, *, weights: str = "raw", d
         raise EvalError(f"unknown model {model_name!r} (see open_clip.list_models())")
     try:
         if os.path.exists(pretrained) or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
-            model, _, preprocess = create_model_from_checkpoint(model_name, pretrained, weights, device=device)
+            quiet = _DropRandomInitWarning()
+            logging.getLogger().addFilter(quiet)
+            try:
+                model, _, preprocess = create_model_from_checkpoint(model_name, pretrained, weights, device=device)
+            finally:
+                logging.getLogger().removeFilter(quiet)
         else:
             if weights != "raw":
                 raise EvalError(f"--weights {weights} needs a checkpoint file, not the pretrained tag {pretrained!r}")
