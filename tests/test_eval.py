@@ -255,6 +255,23 @@ def test_webdataset_shards_give_the_folder_numbers(folders, shards, tiny_model, 
     assert from_shards == pytest.approx(from_folders)
 
 
+def test_reads_the_typographic_builders_shards(folders, tmp_path, tiny_model, tiny_model_and_transforms):
+    """reg-*.tar (clean, json label) and pref-*.tar (json label + written) from open_clip_po.data.typographic."""
+    from open_clip_po.data.typographic import build_typographic
+    from open_clip_po.eval import typographic_eval
+
+    _, _, preprocess, tokenizer = tiny_model_and_transforms
+    clean, _ = folders
+    build_typographic(clean, tmp_path / "out", image_size=64, image_format="png", quiet=True)
+    names = (tmp_path / "out" / "classnames.txt").read_text().split("\n")[:3]
+    from_shards = typographic_eval(tiny_model, tokenizer, preprocess, str(tmp_path / "out" / "reg-*.tar"),
+                                   str(tmp_path / "out" / "pref-*.tar"), classnames=names)
+    # Lossless PNG at the images' own size: the clean shards hold exactly the folder's images.
+    assert from_shards["clean_top1"] == pytest.approx(typographic_eval(tiny_model, tokenizer, preprocess,
+                                                                       clean)["clean_top1"])
+    assert set(from_shards) == {"clean_top1", "typographic_top1", "written_rate"}
+
+
 def test_on_the_fly_attack_on_shards_does_not_depend_on_workers(shards, checkpoints, tmp_path):
     base, _ = checkpoints
     results = []

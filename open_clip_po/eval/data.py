@@ -166,7 +166,7 @@ class FolderDataset(Dataset):
 
 
 def is_shard_spec(spec: str) -> bool:
-    return spec.endswith(".tar") or "{" in spec or "::" in spec or (
+    return spec.endswith(".tar") or any(c in spec for c in "{*?") or "::" in spec or (
         os.path.isdir(spec) and bool(glob.glob(os.path.join(spec, "*.tar"))))
 
 
@@ -177,6 +177,8 @@ def expand_shards(spec: str) -> list[str]:
         urls = sorted(glob.glob(os.path.join(spec, "*.tar")))
     else:
         urls = [u for part in spec.split("::") for u in braceexpand.braceexpand(part)]
+        # Shell-style patterns (quoted, e.g. 'OUT/pref-*.tar') are expanded here, sorted.
+        urls = [m for u in urls for m in (sorted(glob.glob(u)) if any(c in u for c in "*?[") else [u])]
     missing = [u for u in urls if "://" not in u and not os.path.isfile(u)]
     if missing:
         raise EvalError(f"shard not found: {missing[0]}" + (f" ({len(missing)} missing)" if len(missing) > 1 else ""))
