@@ -268,6 +268,9 @@ def open_eval_sets(images: str, preprocess: Callable, *, typographic: str | None
             attacked = EvalSet(name, names, ShardDataset(urls, preprocess, len(names), attack), attacked=True,
                                description={"source": "on-the-fly", "seed": attack_seed})
         elif typographic is not None:
+            if not is_shard_spec(typographic):
+                raise EvalError(f"with shards as the clean images, the typographic set must be shards too, "
+                                f"not {typographic}")
             attacked = EvalSet(Path(typographic).name, names,
                                ShardDataset(expand_shards(typographic), preprocess, len(names)), attacked=True,
                                description={"source": "webdataset", "path": typographic})
