@@ -89,6 +89,8 @@ def run(args: argparse.Namespace) -> Path:
     out = Path(args.out) if args.out else default_output_path(source, args.t, args.weights, args.keep_head)
     if source.exists() and _same_file(source, out):
         raise SurgeryError(f"refusing to overwrite the input checkpoint {source} (choose another --out)")
+    if out.is_dir():
+        raise SurgeryError(f"--out {out} is a directory; give a file name")
     checkpoint = load_checkpoint(source)
     state_dict, W = model_weights(checkpoint, args.weights, str(source))
     if W is None:
@@ -137,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
     except CheckpointError as e:  # SurgeryError included: one line for the user, no traceback
         print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # cannot write the output (permissions, full disk, ...)
+        print(f"{PROG}: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
         return 1
     return 0
 

@@ -430,6 +430,9 @@ def _bad_checkpoints(tmp_path, model):
                  "po_head": {"weight": random_head()}}, unsupported)
     cases["unsupported architecture"] = (unsupported, [], "unsupported architecture: the image tower "
                                                           "(VisionTransformer without a projection")
+    good = write_checkpoint(tmp_path / "good.pt", model, random_head())
+    cases["--out is a directory"] = (good, ["--out", str(tmp_path)], f"--out {tmp_path} is a directory")
+    cases["--out below a file"] = (good, ["--out", str(good / "x.pt")], f"File exists: {good}")
     return cases
 
 
