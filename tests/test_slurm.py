@@ -274,6 +274,17 @@ def _write_shards(folder: Path, shards: int, per_shard: int) -> None:
     (folder / "sizes.json").write_text(json.dumps(sizes))
 
 
+# What the scripts read from the environment: none of it may leak in from the shell running the tests.
+SCRIPT_SETTINGS = {"TRAIN_DATA", "REG_DATA", "DATA_DIR", "MODEL", "PRETRAINED", "LOGS", "NAME", "GLOBAL_BATCH",
+                   "BATCH_SIZE", "LR", "EPOCHS", "OPT", "EPS", "WD", "WARMUP", "WARMUP_FRACTION", "SEED", "WORKERS",
+                   "PRECISION", "TRAIN_NUM_SAMPLES", "LINEAR_HEAD", "PYTHON", "MASTER_ADDR", "MASTER_PORT"}
+
+
+def _without_script_settings(env) -> dict:
+    return {k: v for k, v in env.items()
+            if k not in SCRIPT_SETTINGS and not k.startswith(("SLURM_", "PO_", "GPUS_", "NPROC_"))}
+
+
 @pytest.fixture
 def recorder(tmp_path):
     bin_dir = tmp_path / "bin"
@@ -285,7 +296,7 @@ def recorder(tmp_path):
     # The sample count comes from sizes.json only; make it the paper's scale without writing 10k images.
     (tmp_path / "data" / "sizes.json").write_text(json.dumps({"pref-000000.tar": 6000, "pref-000001.tar": 4240,
                                                              "reg-000000.tar": 1, "reg-000001.tar": 1}))
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PO_", "GPUS_", "NPROC_"))}
+    clean = _without_script_settings(os.environ)
 
     def launch(script: str, slurm: dict | None = None, extra: list[str] = (), **env) -> tuple[int, dict, str]:
         run_env = {**clean, "PATH": f"{bin_dir}:{clean['PATH']}", "REAL_PYTHON": sys.executable,
@@ -414,9 +425,13 @@ def test_typographic_job_trains_and_checkpoints(slurm, tmp_path):
 
     _write_shards(tmp_path / "data", shards=2, per_shard=8)
     (tmp_path / "logs").mkdir()  # sbatch opens logs/%x-%j.out before the script runs
-    env = {**slurm.env, "GPUS_PER_NODE": "0", "NPROC_PER_NODE": "2", "GLOBAL_BATCH": "8", "EPOCHS": "1",
+    env = {**_without_script_settings(slurm.env), "SLURM_CONF": str(slurm.conf), "GPUS_PER_NODE": "0", "NPROC_PER_NODE": "2", "GLOBAL_BATCH": "8", "EPOCHS": "1",
            "MODEL": "po-tiny", "PRETRAINED": "", "WORKERS": "0", "DATA_DIR": str(tmp_path / "data"),
            "LOGS": str(tmp_path / "logs"), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    try:
+        socket.gethostbyname(slurm.node)
+    except OSError:  # a container whose hostname does not resolve: rendezvous on loopback instead
+        env["MASTER_ADDR"] = "127.0.0.1"
     # Cluster-specific #SBATCH lines overridden on the command line, as a user of a CPU partition would.
     job = slurm.submit(["--gpus-per-node=0", "--cpus-per-task=2", "--mem=0", "--time=10",
                         f"--chdir={tmp_path}", str(SCRIPTS / "typographic.sh"), "--log-every-n-steps", "1"],

@@ -131,7 +131,9 @@ po_launch() {
     local job_id="${SLURM_JOB_ID:-$$}"
     local name="${NAME:-${SLURM_JOB_NAME:-po}-${PO_LOSS}-${job_id}}"
     local master_addr master_port
-    if [ -n "${SLURM_JOB_NODELIST:-}" ]; then
+    if [ -n "${MASTER_ADDR:-}" ]; then
+        master_addr=$MASTER_ADDR
+    elif [ -n "${SLURM_JOB_NODELIST:-}" ]; then
         master_addr=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
     else
         master_addr=127.0.0.1
