@@ -107,10 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gendered caption; {gender} becomes man/woman; the same as the gender shards' --template "
                         "(default: %(default)s)")
     p.add_argument("--neutral-caption", default=DEFAULT_NEUTRAL,
-                   help="androgynous caption for activity accuracy and default retrieval prompts (default: %(default)s)")
+                   help="androgynous caption for activity accuracy and the default retrieval prompts "
+                        "(default: %(default)s)")
     p.add_argument("--retrieval-prompt", action="append", default=None,
                    help="retrieval prompt, e.g. 'an image of a police'; repeatable (default: the neutral captions)")
-    p.add_argument("--top-k", type=_int_at_least(1), default=10, help="retrieved images per prompt (default: %(default)s)")
+    p.add_argument("--top-k", type=_int_at_least(1), default=10,
+                   help="retrieved images per prompt (default: %(default)s)")
     p.add_argument("--output", default="gender.json", help="JSON path (default: %(default)s)")
 
     p = sub.add_parser("kl", help="mean KL(π_θ‖π_ref) on clean images (Fig. 5)",

@@ -150,10 +150,9 @@ class PromptFeatures:
             features = features @ self.weight.to(features).T
         return F.normalize(features, dim=-1) if normalize else features
 
-    def texts(self, texts: Sequence[str], weight: torch.Tensor | None) -> torch.Tensor:
-        """Normalised features of ``texts`` under head ``weight`` [len, D]."""
-        self.weight = weight
-        return self.encode_text(self._tokenize(texts), normalize=True)
+    def raw(self, texts: Sequence[str]) -> torch.Tensor:
+        """Un-normalised base features of ``texts`` (all among the prompts given) [len, D]."""
+        return self.features[self._tokenize(texts)]
 
     def classifier(self, classnames: Sequence[str], templates: Sequence[str],
                    weight: torch.Tensor | None) -> torch.Tensor:

@@ -201,13 +201,15 @@ def run_gender(args) -> dict:
         try:
             template.format(gender="man", activity="x")
         except (KeyError, IndexError, ValueError) as e:
-            raise EvalError(f"caption template {template!r} has a field other than {{gender}}/{{activity}}: {e}") from None
+            raise EvalError(f"caption template {template!r} has a field other than "
+                            f"{{gender}}/{{activity}}: {e}") from None
     ts = parse_t_values(args.t)
     rows = read_gender_csv(args.csv, args.images_root)
     model, preprocess = load_eval_model(args.model, args.pretrained, weights=args.weights, device=args.device)
     weight = head_weight(model)
     if weight is None:
-        raise EvalError(f"{args.pretrained} has no linear head; the gender sweep needs one (train with --po-linear-head)")
+        raise EvalError(f"{args.pretrained} has no linear head; the gender sweep needs one "
+                        "(train with --po-linear-head)")
     tokenizer = open_clip.get_tokenizer(args.model)
     activities = sorted({r["activity"] for r in rows})
     activity_index = {a: i for i, a in enumerate(activities)}
@@ -227,26 +229,22 @@ def run_gender(args) -> dict:
     is_man = torch.tensor([rows[i]["gender"] == "man" for i in kept])
     activity = torch.tensor([activity_index[rows[i]["activity"]] for i in kept])
 
-    def raw(texts):
-        return prompts.features[prompts._tokenize(texts)]
-
-    heads = scaled_heads(weight, ts)
-    curves = gender_curves(heads, encoded["features"], is_man, activity, raw(man_prompts), raw(woman_prompts),
-                           raw(neutral_prompts), logit_scale(model))
+    images, scale = encoded["features"], logit_scale(model)
+    captions = (prompts.raw(man_prompts), prompts.raw(woman_prompts), prompts.raw(neutral_prompts))
+    curves = gender_curves(scaled_heads(weight, ts), images, is_man, activity, *captions, scale)
 
     retrieval_ts = {"t=0 (base)": 0.0, "t=1 (trained)": 1.0}
     if math.isfinite(curves["t_star"]):
         retrieval_ts[f"t*={curves['t_star']:.3f} (neutral)"] = curves["t_star"]
     retrieval_heads = scaled_heads(weight, list(retrieval_ts.values()))
-    retrieval = {label: retrieval_counts(retrieval_heads[t], encoded["features"], is_man, raw(retrieval_prompts),
+    retrieval = {label: retrieval_counts(retrieval_heads[t], images, is_man, prompts.raw(retrieval_prompts),
                                          retrieval_prompts, args.top_k)
                  for label, t in retrieval_ts.items()}
 
     output = Path(args.output)
     columns = ("t", "p_true_gender", "p_flipped_gender", "p_man_men", "p_woman_women", "activity_accuracy")
     write_csv([{c: curves[c][i] for c in columns} for i in range(len(ts))], output.with_suffix(".csv"), columns)
-    ends = gender_curves(scaled_heads(weight, [0.0, 1.0]), encoded["features"], is_man, activity, raw(man_prompts),
-                         raw(woman_prompts), raw(neutral_prompts), logit_scale(model))["p_man"]
+    ends = gender_curves(scaled_heads(weight, [0.0, 1.0]), images, is_man, activity, *captions, scale)["p_man"]
     per_image = [{"image": rows[r]["image"], "gender": rows[r]["gender"], "activity": rows[r]["activity"],
                   "t_star": curves["t_star_per_image"][j], "p_man_t0": ends[0, j].item(),
                   "p_man_t1": ends[1, j].item()} for j, r in enumerate(kept)]

@@ -139,8 +139,8 @@ def run_zeroshot(args) -> dict:
     }
     output = Path(args.output)
     write_json(result, output)
-    plot_zeroshot(metrics, len(clean.classnames), f"{result['dataset']} — {args.model} {os.path.basename(args.pretrained)}",
-                  output.with_suffix(".png"))
+    title = f"{result['dataset']} — {args.model} {os.path.basename(args.pretrained)}"
+    plot_zeroshot(metrics, len(clean.classnames), title, output.with_suffix(".png"))
     summary = ", ".join(f"{k} {100 * metrics[k]:.2f}%" for k in ("clean_top1", "typographic_top1", "written_rate")
                         if k in metrics)
     print(f"{summary}  → {output}")
