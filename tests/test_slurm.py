@@ -236,7 +236,8 @@ exec "$@"
 """,
     "scontrol": """#!/usr/bin/env bash
 case "$1 $2" in
-    "show hostnames") printf 'gpu-node-%s\\n' 07 08 09 10 ;;
+    # The rest comes late, as from a slow scontrol: a reader that stops early (head -n1) gets SIGPIPE'd here.
+    "show hostnames") echo gpu-node-07; sleep 0.3; printf 'gpu-node-%s\\n' 08 09 10 ;;
     "show job") echo "JobId=$3 Command=$FAKE_SUBMITTED_SCRIPT" ;;
     *) exit 1 ;;
 esac

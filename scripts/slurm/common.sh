@@ -134,7 +134,8 @@ po_launch() {
     if [ -n "${MASTER_ADDR:-}" ]; then
         master_addr=$MASTER_ADDR
     elif [ -n "${SLURM_JOB_NODELIST:-}" ]; then
-        master_addr=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+        # sed reads to the end: `head -n1` could close the pipe early, and pipefail would turn SIGPIPE into exit 141.
+        master_addr=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
     else
         master_addr=127.0.0.1
     fi
