@@ -336,7 +336,9 @@ def test_sweep_reproduces_base_at_t0_and_head_at_t1(folders, checkpoints, tmp_pa
     assert _run_cli(["zeroshot", "--pretrained", str(head), "--output", str(tmp_path / "head.json")] + common) == 0
     assert _run_cli(["sweep", "--pretrained", str(head), "--t", "-1:1:0.5", "--output",
                      str(tmp_path / "sweep.json")] + common) == 0
-    rows = {r["t"]: r for r in json.loads((tmp_path / "sweep.json").read_text())["rows"]}
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    rows = {r["t"]: r for r in sweep["rows"]}
+    assert sweep["head"]["dim"] == D and len(sweep["head"]["singular_values"]) == D
     assert sorted(rows) == [-1, -0.5, 0, 0.5, 1]
     for t, name in ((0, "base"), (1, "head")):
         metrics = json.loads((tmp_path / f"{name}.json").read_text())["metrics"]

@@ -39,6 +39,13 @@ def parse_t_values(spec: str) -> list[float]:
     return values
 
 
+def head_summary(weight: torch.Tensor) -> dict:
+    """How far W is from orthogonal (paper App. E / Fig. 8): singular values and ‖WᵀW − I‖."""
+    from open_clip_po.surgery import head_stats
+
+    return head_stats(weight.detach().float().cpu())
+
+
 def scaled_heads(weight: torch.Tensor, ts: Sequence[float]) -> dict[float, torch.Tensor]:
     from open_clip_po.svd_scale import scale_head
 
@@ -133,7 +140,7 @@ def run_sweep(args) -> dict:
               "typographic": None if attacked is None else attacked.description,
               "num_clean": int(clean_features["labels"].numel()),
               "num_typographic": None if attacked_features is None else int(attacked_features["labels"].numel()),
-              "rows": rows}
+              "head": head_summary(weight), "rows": rows}
     write_json(result, output)
     plot_sweep(rows, f"{result['dataset']} — {args.model}", output.with_suffix(".png"))
     print(f"{len(rows)} values of t from {ts[0]} to {ts[-1]} → {output}, {output.with_suffix('.csv')}")
