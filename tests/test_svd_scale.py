@@ -365,6 +365,17 @@ def test_cli_keep_head_writes_w_t_as_the_head(head_checkpoint, tiny_model, input
     torch.testing.assert_close(logits(folded, *inputs), logits(with_head, *inputs), rtol=1e-4, atol=1e-4)
 
 
+def test_cli_keep_head_output_can_be_scaled_again_and_composes(head_checkpoint, tmp_path):
+    path, W = head_checkpoint
+    assert main([str(path), "--t", "-2", "--keep-head", "--out", str(tmp_path / "a.pt")]) == 0
+    assert main([str(tmp_path / "a.pt"), "--t", "0.5", "--out", str(tmp_path / "ab.pt")]) == 0
+    assert main([str(path), "--t", "-1", "--out", str(tmp_path / "direct.pt")]) == 0
+    twice, direct = load_checkpoint(tmp_path / "ab.pt"), load_checkpoint(tmp_path / "direct.pt")
+    for key, value in direct["state_dict"].items():
+        # W_{-2} was stored in float32 (σ up to ~10) before the second SVD, hence the float32-sized tolerance.
+        torch.testing.assert_close(twice["state_dict"][key], value, rtol=1e-4, atol=1e-5)
+
+
 def test_cli_uses_the_averaged_weights_when_asked(tmp_path, tiny_model):
     W_raw, W_avg = random_head(seed=14), random_head(seed=15)
     averaged = {k: v + 0.01 for k, v in tiny_model.state_dict().items()}
