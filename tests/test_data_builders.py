@@ -247,3 +247,20 @@ def test_gender_builder_flips_the_preferred_caption(tmp_path, capsys):
     assert gender.main(["--csv", str(bad), "--out", str(tmp_path / "o3")]) == 2
     assert "people.csv:3: gender must be 'man' or 'woman', got 'person'" in capsys.readouterr().err
     assert not (tmp_path / "o3" / "pref-000000.tar").exists()
+
+
+@pytest.mark.parametrize("name,size", [("00000001_0.jpg", 12345), ("k.yw.txt", 0), ("x" * 96 + ".txt", 512),
+                                       ("y" * 120 + ".json", 7)])
+def test_hand_made_tar_headers_read_back_with_tarfile(name, size):
+    from open_clip_po.data.shards import tar_header
+
+    header = tar_header(name, size)
+    if len(name) <= 100:
+        info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")  # also verifies the checksum
+        assert (info.name, info.size, info.mode, info.mtime, info.uid, info.type) == (name, size, 0o644, 0, 0,
+                                                                                     tarfile.REGTYPE)
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    blob = header + data + bytes(-size % 512) + bytes(1024)
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:  # long names: GNU long-name header from tarfile
+        (member,) = tar.getmembers()
+        assert member.name == name and tar.extractfile(member).read() == data
