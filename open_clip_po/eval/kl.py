@@ -114,6 +114,6 @@ def run_kl(args) -> dict:
     plot_kl([r["label"] for r in results], [r["metrics"] for r in results],
             f"{direction} — {result['dataset']}, {args.model}", output.with_suffix(".png"))
     for r in results:
-        print(f"{r['label']}: mean {direction} = {r['metrics']['kl_mean']:.6f} (n={r['metrics']['n']})")
+        print(f"{r['label']}: mean {direction} = {r['metrics']['kl_mean']:.4e} (n={r['metrics']['n']})")
     print(f"→ {output}")
     return result
