@@ -236,6 +236,7 @@ def run_gender(args) -> dict:
     retrieval_ts = {"t=0 (base)": 0.0, "t=1 (trained)": 1.0}
     if math.isfinite(curves["t_star"]):
         retrieval_ts[f"t*={curves['t_star']:.3f} (neutral)"] = curves["t_star"]
+    retrieval_ts = dict(sorted(retrieval_ts.items(), key=lambda item: item[1]))   # bars in order of t
     retrieval_heads = scaled_heads(weight, list(retrieval_ts.values()))
     retrieval = {label: retrieval_counts(retrieval_heads[t], images, is_man, prompts.raw(retrieval_prompts),
                                          retrieval_prompts, args.top_k)
