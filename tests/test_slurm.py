@@ -238,7 +238,7 @@ exec "$@"
 case "$1 $2" in
     # The rest comes late, as from a slow scontrol: a reader that stops early (head -n1) gets SIGPIPE'd here.
     "show hostnames") echo gpu-node-07; sleep 0.3; printf 'gpu-node-%s\\n' 08 09 10 ;;
-    "show job") echo "JobId=$3 Command=$FAKE_SUBMITTED_SCRIPT" ;;
+    "show job") printf 'JobId=%s JobName=x\\n   Command=%s\\n   WorkDir=/tmp\\n' "$3" "$FAKE_SUBMITTED_SCRIPT --po-template a/photo/of/{}" ;;
     *) exit 1 ;;
 esac
 """,

@@ -18,10 +18,15 @@ set -euo pipefail
 if [ -n "${PO_SCRIPTS_DIR:-}" ]; then
     here=$PO_SCRIPTS_DIR
 elif [ -n "${SLURM_JOB_ID:-}" ]; then
-    # sbatch runs a spooled copy of this file; the submitted path is the job's Command.
-    here=$(dirname "$(scontrol show job "$SLURM_JOB_ID" -o | tr ' ' '\n' | sed -n 's/^Command=//p')")
+    # sbatch runs a spooled copy of this file; the job's Command is the submitted path, then the arguments.
+    here=$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=//p')
+    here=${here%%/typographic.sh*}
 else
     here=$(dirname "${BASH_SOURCE[0]}")
+fi
+if [ ! -f "$here/common.sh" ]; then
+    echo "error: no common.sh in '$here' (the directory of typographic.sh); set PO_SCRIPTS_DIR" >&2
+    exit 1
 fi
 # shellcheck source=common.sh
 . "$here/common.sh"
