@@ -388,6 +388,7 @@ def test_cpu_mode_and_overrides(recorder):
     ({"NPROC_PER_NODE": "3"}, "GLOBAL_BATCH=512 is not divisible by 3 processes; set BATCH_SIZE"),
     ({"PO_LOSS": "hinge"}, "PO_LOSS=hinge has no paper defaults: set PO_BETA and PO_REG_LAMBDA"),
     ({"DATA_DIR": "/nonexistent"}, "no /nonexistent/pref-*.tar: set DATA_DIR or TRAIN_DATA"),
+    ({"GPUS_PER_NODE": "eight"}, "GPUS_PER_NODE must be a whole number, got 'eight'"),
 ])
 def test_bad_settings_stop_before_launch(recorder, env, message):
     code, argv, log = recorder("typographic.sh", **env)

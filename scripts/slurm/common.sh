@@ -9,6 +9,12 @@ po_die() {
     exit 1
 }
 
+po_require_int() {
+    case "${!1}" in
+        '' | *[!0-9]*) po_die "$1 must be a whole number, got '${!1}'" ;;
+    esac
+}
+
 # The paper's per-objective defaults (ICLR 2025, Sec. 4): beta and lambda of Eq. 14. An explicit PO_BETA /
 # PO_REG_LAMBDA always wins.
 po_objective_defaults() {
@@ -98,25 +104,32 @@ po_launch() {
     : "${PO_AVERAGE:=}"                # none | bma | ema; empty = open_clip_po.main's default
 
     local nnodes="${SLURM_NNODES:-1}"
-    local nproc backend precision
+    local name_
+    for name_ in GPUS_PER_NODE GLOBAL_BATCH EPOCHS SEED; do
+        po_require_int "$name_"
+    done
+    local procs backend precision
     if [ "$GPUS_PER_NODE" -eq 0 ]; then
         # CPU: processes share the cores, gloo carries the collectives.
-        nproc="${NPROC_PER_NODE:-2}"
+        procs="${NPROC_PER_NODE:-2}"
         backend=gloo
         precision="${PRECISION:-fp32}"
     else
-        nproc="${NPROC_PER_NODE:-$GPUS_PER_NODE}"
+        procs="${NPROC_PER_NODE:-$GPUS_PER_NODE}"
         backend=nccl
         precision="${PRECISION:-amp}"
     fi
-    local world=$((nnodes * nproc))
+    NPROC_PER_NODE=$procs
+    po_require_int NPROC_PER_NODE
+    local world=$((nnodes * procs))
     if [ -z "${BATCH_SIZE:-}" ]; then
         [ $((GLOBAL_BATCH % world)) -eq 0 ] ||
             po_die "GLOBAL_BATCH=$GLOBAL_BATCH is not divisible by $world processes; set BATCH_SIZE"
         BATCH_SIZE=$((GLOBAL_BATCH / world))
     fi
+    po_require_int BATCH_SIZE
     local cpus="${SLURM_CPUS_PER_TASK:-$(nproc)}"
-    local workers="${WORKERS:-$(((cpus / nproc) > 1 ? (cpus / nproc) - 1 : 1))}"
+    local workers="${WORKERS:-$(((cpus / procs) > 1 ? (cpus / procs) - 1 : 1))}"
 
     # open_clip's --warmup counts optimizer steps: WARMUP_FRACTION of all steps unless WARMUP is given.
     local warmup="${WARMUP:-}"
@@ -164,12 +177,12 @@ po_launch() {
 
     local -a launcher=(
         "$PYTHON" -m torch.distributed.run
-        --nnodes "$nnodes" --nproc-per-node "$nproc"
+        --nnodes "$nnodes" --nproc-per-node "$procs"
         --rdzv-backend c10d --rdzv-endpoint "$master_addr:$master_port" --rdzv-id "$job_id"
         -m open_clip_po.main
     )
 
-    echo "open_clip_po: $PO_LOSS beta=$PO_BETA lambda=$PO_REG_LAMBDA on $nnodes node(s) x $nproc process(es)," \
+    echo "open_clip_po: $PO_LOSS beta=$PO_BETA lambda=$PO_REG_LAMBDA on $nnodes node(s) x $procs process(es)," \
         "batch $BATCH_SIZE/process, warmup $warmup steps, run $LOGS/$name"
     mkdir -p "$LOGS"
     if [ -n "${SLURM_JOB_ID:-}" ]; then
