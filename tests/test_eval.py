@@ -340,6 +340,8 @@ def test_sweep_reproduces_base_at_t0_and_head_at_t1(folders, checkpoints, tmp_pa
     rows = {r["t"]: r for r in sweep["rows"]}
     assert sweep["head"]["dim"] == D and len(sweep["head"]["singular_values"]) == D
     assert sorted(rows) == [-1, -0.5, 0, 0.5, 1]
+    # The head matters on this data, so matching both ends is not a coincidence of equal numbers.
+    assert rows[0] != {**rows[1], "t": 0}
     for t, name in ((0, "base"), (1, "head")):
         metrics = json.loads((tmp_path / f"{name}.json").read_text())["metrics"]
         for key in ("clean_top1", "typographic_top1", "written_rate"):
