@@ -84,15 +84,44 @@ torch.manual_seed(0)
 img = F.normalize(torch.randn(3, 8), dim=-1)
 txt = F.normalize(torch.randn(6, 8), dim=-1)
 out = loss(img, txt, torch.tensor(10.0), output_dict=True)
+
+# open_clip's own train_one_epoch: triplet batches as (images, [y_w; y_l], extra), the distillation teacher as
+# the reference (a frozen copy of the starting policy), our dpo through --loss.
+import copy
+import open_clip_po  # registers po-tiny
+from open_clip_po.losses.open_clip_adapter import to_open_clip_batch
+from open_clip_train.train import train_one_epoch
+
+class Loader(list):
+    num_samples = property(lambda self: 4 * len(self))
+    num_batches = property(len)
+    dataloader = property(lambda self: self)
+    def set_epoch(self, epoch):
+        pass
+
+model = open_clip.create_model("po-tiny", output_dict=True)
+teacher = copy.deepcopy(model).eval().requires_grad_(False)
+batches = Loader(to_open_clip_batch({{
+    "images": torch.randn(4, 3, 64, 64), "chosen": torch.randint(1, 400, (4, 16)),
+    "rejected": torch.randint(1, 400, (4, 16)), "skipped": {{}}}}) for _ in range(3))
+targs = parse_args(["--loss", "dpo", "--precision", "fp32", "--batch-size", "4", "--skip-scheduler"])
+targs.device, targs.distill, targs.rank, targs.local_rank, targs.world_size = "cpu", True, 0, 0, 1
+targs.wandb = targs.horovod = False
+step_losses = []
+train_loss = open_clip.create_loss(targs)
+train_loss.register_forward_hook(lambda module, inputs, output: step_losses.append(output["dpo_loss"].item()))
+optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+train_one_epoch(model, {{"train": batches}}, train_loss, 0, optimizer, None, None, teacher, targs)
+
 print(json.dumps({{
     "plugins": open_clip.list_loss_plugins(), "type": type(loss).__name__,
     "objective": type(loss.objective).__name__, "hparams": loss.objective.hparams(),
-    "loss": {{k: v.item() for k, v in out.items()}}, "file": open_clip.__file__,
+    "loss": {{k: v.item() for k, v in out.items()}}, "file": open_clip.__file__, "step_losses": step_losses,
 }}))
 """
 
 
-def test_patch_applies_with_p2_and_create_loss_finds_our_objective(patched_site_copy, tmp_path):
+def test_patch_applies_with_p2_and_create_loss_finds_our_objective_for_open_clips_loop(patched_site_copy, tmp_path):
     result = _run_python(PROBE.format(where=str(patched_site_copy)), patched_site_copy, tmp_path)
     assert result.returncode == 0, result.stderr
     found = json.loads(result.stdout.strip().splitlines()[-1])
@@ -107,6 +136,10 @@ def test_patch_applies_with_p2_and_create_loss_finds_our_objective(patched_site_
     margin = 10.0 * ((img * txt[:3]).sum(-1) - (img * txt[3:]).sum(-1))
     expected = -F.logsigmoid(0.5 * margin).mean().item()
     assert found["loss"] == {"dpo_loss": pytest.approx(expected, rel=1e-5)}
+    # In open_clip's loop: policy == teacher at the first step, so h = 0 and the loss is log 2; then it moves.
+    steps = found["step_losses"]
+    assert len(steps) == 3 and steps[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert steps[1:] != [pytest.approx(math.log(2), abs=1e-6)] * 2
 
 
 def test_unpatched_open_clip_has_no_loss_flag(installed_open_clip):
