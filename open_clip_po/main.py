@@ -85,6 +85,8 @@ def parse_po_args(argv, open_clip_parse_args):
     args = open_clip_parse_args(rest)
     for key, value in vars(ours).items():
         setattr(args, key, value)
+    if "timm" in args.opt and args.eps is None:
+        args.eps = 1e-8  # open_clip hands timm eps=None, which torch's Adam-family optimizers reject
     validate(args)
     return args
 

@@ -1,0 +1,129 @@
+"""PO step vs open_clip CLIP step on the same model and inputs (issue 5), measured in one run.
+
+- full fine-tune: POCriterion (policy on B images + 2B captions, frozen reference forward, DPO) + backward +
+  AdamW step, against open_clip's ClipLoss on B images + B captions + backward + step;
+- ``--lock-text``: both with the text tower locked (the reference then shares the policy's text features);
+- linear head: a PO step training only W, against a forward of the frozen backbone on the same inputs;
+- peak memory: the rise of the process's peak RSS over its post-setup level, PO vs CLIP, each in a fresh
+  subprocess (on GPU one would read torch.cuda.max_memory_allocated; this machine has none).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+MODEL, BATCH = "po-small", 32
+MEMORY_BATCH = 256  # large enough that activations, not model set-up, set the peak
+
+
+def _setup(mode: str, batch: int = BATCH):
+    import torch
+
+    import open_clip
+    import open_clip_po  # noqa: F401
+    from open_clip_po.criterion import POCriterion, POSettings
+    from open_clip_po.head import attach_linear_head
+    from open_clip_po.losses import get_loss
+    from open_clip_po.reference import Reference
+
+    torch.manual_seed(0)
+    model = open_clip.create_model(MODEL, output_dict=True)
+    size = model.visual.image_size[0]
+    images = torch.randn(batch, 3, size, size)
+    chosen, rejected = torch.randint(1, 5000, (2, batch, 16))
+    reference = Reference.copy_of(model, shares_text=(mode == "lock_text"))
+    if mode == "lock_text":
+        model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
+    if mode == "head":
+        model.requires_grad_(False)
+        attach_linear_head(model).requires_grad_(True)
+        reference = Reference(None, is_base_of_head=True)
+    criterion = POCriterion(get_loss("dpo"), reference, POSettings(reg_lambda=0.0))
+    clip_loss = open_clip.ClipLoss()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    batch = {"images": images, "chosen": chosen, "rejected": rejected}
+
+    def po_step():
+        out = criterion(model, batch)
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+
+    def clip_step():
+        out = model(images, chosen)
+        clip_loss(out["image_features"], out["text_features"], out["logit_scale"]).backward()
+        opt.step()
+        opt.zero_grad()
+
+    @torch.no_grad()
+    def frozen_forward():
+        model.encode_image_base(images, normalize=True)
+        model.encode_text_base(torch.cat([chosen, rejected]), normalize=True)
+
+    return po_step, (frozen_forward if mode == "head" else clip_step)
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _interleaved(a, b, repeats):
+    """Alternate the two so that load from elsewhere on the machine hits both alike."""
+    ta, tb = [], []
+    for _ in range(repeats):
+        ta.append(_median_time(a, 1))
+        tb.append(_median_time(b, 1))
+    return statistics.median(ta), statistics.median(tb)
+
+
+def _peak_rss_rise(which: str, steps: int) -> float:
+    code = f"""
+import resource, sys
+sys.path.insert(0, {repr(str(__import__('pathlib').Path(__file__).parent))})
+import bench_train as b
+po, clip = b._setup("full", batch={MEMORY_BATCH})
+step = po if {which!r} == "po" else clip
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for _ in range({steps}):
+    step()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def run(quick: bool = False) -> list[dict]:
+    repeats = 5 if quick else 15
+    rows = []
+    goals = {"full": 1.35, "lock_text": 1.25, "head": 1.10}
+    labels = {"full": "PO step / CLIP step, full fine-tune",
+              "lock_text": "PO step / CLIP step, --lock-text",
+              "head": "PO step (linear head) / frozen-backbone forward"}
+    for mode in ("full", "lock_text", "head"):
+        po, base = _setup(mode)
+        t_po, t_base = _interleaved(po, base, repeats)
+        ratio = t_po / t_base
+        rows.append({"name": labels[mode], "value": ratio, "unit": "×", "goal": f"≤ {goals[mode]}",
+                     "met": ratio <= goals[mode],
+                     "details": f"{MODEL}, batch {BATCH}, medians of {repeats}: {t_po * 1e3:.1f} ms vs "
+                                f"{t_base * 1e3:.1f} ms"})
+    po_mb, clip_mb = _peak_rss_rise("po", 3), _peak_rss_rise("clip", 3)
+    ratio = po_mb / clip_mb if clip_mb > 0 else float("nan")
+    rows.append({"name": "peak memory PO / CLIP (full fine-tune)", "value": ratio, "unit": "×", "goal": "≤ 1.30",
+                 "met": ratio <= 1.30,
+                 "details": f"rise of peak RSS over setup: {po_mb:.0f} MB vs {clip_mb:.0f} MB "
+                            f"({MODEL}, batch {MEMORY_BATCH})"})
+    return rows
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(quick="--quick" in sys.argv), indent=1))

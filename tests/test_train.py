@@ -1,0 +1,277 @@
+"""End-to-end training through open_clip's own trainer (issue 5), on po-tiny and the toy preference shards."""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import open_clip
+import open_clip_po  # noqa: F401
+import open_clip_train.main as ocm
+from open_clip_po.checkpoint import atomic_save, create_model_from_checkpoint, load_checkpoint
+from open_clip_po.main import PATCHED, patched_open_clip_train
+from po_toy import write_toy_shards
+
+pytestmark = [pytest.mark.integration]
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    patterns = write_toy_shards(root / "shards", num_samples=96, per_shard=48)
+    torch.manual_seed(0)
+    model = open_clip.create_model("po-tiny")
+    pretrained = root / "pretrained.pt"
+    atomic_save({"state_dict": model.state_dict()}, pretrained)
+    return {**patterns, "pretrained": str(pretrained), "root": root,
+            "classnames": str(root / "shards" / "classnames.txt")}
+
+
+def base_args(toy, logs, name, *extra, epochs=2):
+    return ["--model", "po-tiny", "--pretrained", toy["pretrained"], "--train-data", toy["pref"],
+            "--po-reg-data", toy["reg"], "--train-num-samples", "96", "--po-reg-num-samples", "96",
+            "--batch-size", "16", "--epochs", str(epochs), "--lr", "3e-3", "--wd", "0", "--warmup", "1",
+            "--precision", "fp32", "--workers", "1", "--seed", "0", "--logs-dir", str(logs), "--name", name,
+            "--aug-cfg", "scale=(1.0, 1.0)", "--save-most-recent", "--log-every-n-steps", "1", *extra]
+
+
+def run_in_process(argv):
+    """Run the seam in this process; returns the session (reference, averager, ...) for inspection."""
+    with patched_open_clip_train() as session:
+        status = ocm.main(argv)
+    assert status in (None, 0)
+    return session
+
+
+def run_cli(argv, nproc=1, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "open_clip_po.main", *argv]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
+               str(29500 + os.getpid() % 1000), "-m", "open_clip_po.main", *argv]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def toy_triplets(toy):
+    """All (image, y_w, y_l) of the toy pref shards, preprocessed for po-tiny."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    _, _, preprocess = open_clip.create_model_and_transforms("po-tiny")
+    tokenizer = open_clip.get_tokenizer("po-tiny")
+    groups = {}
+    for path in sorted(Path(toy["root"], "shards").glob("pref-*.tar")):
+        with tarfile.open(path) as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                groups.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    images = torch.stack([preprocess(Image.open(io.BytesIO(g["png"]))) for g in groups.values()])
+    chosen = tokenizer([g["yw.txt"].decode() for g in groups.values()])
+    rejected = tokenizer([g["yl.txt"].decode() for g in groups.values()])
+    return images, chosen, rejected
+
+
+@torch.no_grad()
+def preference_stats(model, ref_model, triplets, beta=1.0):
+    """(fraction of triplets where the policy scores y_w above y_l, mean DPO loss of the policy vs ref)."""
+    images, chosen, rejected = triplets
+
+    def margins(m):
+        m.eval()
+        img = m.encode_image(images, normalize=True)
+        tw, tl = m.encode_text(chosen, normalize=True), m.encode_text(rejected, normalize=True)
+        scale = m.logit_scale.exp()
+        return scale * ((img * tw).sum(-1) - (img * tl).sum(-1))
+
+    policy, ref = margins(model), margins(ref_model)
+    h = policy - ref  # the partition function cancels (design.md §1)
+    return {"prefers_yw": float((policy > 0).float().mean()),  # the policy ranks y_w above y_l
+            "reward_accuracy": float((h > 0).float().mean()),  # TRL's rewards/accuracies (0 at θ = ref)
+            "dpo_loss": float(-torch.nn.functional.logsigmoid(beta * h).mean())}
+
+
+def assert_learned(after, before):
+    assert before["dpo_loss"] == pytest.approx(math.log(2)) and before["reward_accuracy"] == 0
+    assert after["reward_accuracy"] >= 0.65, after
+    assert after["prefers_yw"] > before["prefers_yw"] + 0.05, (before, after)
+    assert after["dpo_loss"] < math.log(2) - 0.02, after
+
+
+def load_policy(toy, ckpt, weights="raw"):
+    model, _, _ = create_model_from_checkpoint("po-tiny", ckpt, weights=weights)
+    return model
+
+
+def load_reference(toy):
+    return load_policy(toy, toy["pretrained"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "kto"])
+def test_single_process_training_learns_the_toy_preferences(toy, tmp_path, loss):
+    extra = {"dpo": [], "ipo": ["--po-beta", "0.1"], "kto": []}[loss]
+    run_cli(base_args(toy, tmp_path, loss, "--po-loss", loss, *extra))
+    run_dir = tmp_path / loss
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert ckpts == ["epoch_1.pt", "epoch_2.pt", "epoch_latest.pt"]
+    params = (run_dir / "params.txt").read_text()
+    assert f"po_loss: {loss}" in params and "po_reg_lambda: 1.0" in params
+    triplets, ref = toy_triplets(toy), load_reference(toy)
+    before = preference_stats(ref, ref, triplets)
+    assert_learned(preference_stats(load_policy(toy, run_dir / "checkpoints" / "epoch_2.pt"), ref, triplets), before)
+    log = (run_dir / "out.log").read_text()
+    assert "rewards/accuracies" in log and "reg_kl" in log and "bad samples" in log.lower()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss,extra", [
+    ("dpo", ["--lock-text", "--lock-text-freeze-layer-norm", "--opt", "timm/adamax", "--lr", "5e-3"]),
+    ("ipo", ["--po-beta", "0.1"]),
+    ("kto", ["--po-kto-kl", "exact"]),
+])
+def test_torchrun_two_processes_gloo(toy, tmp_path, loss, extra):
+    # batch 8 per rank: the same global batch, and so the same number of steps, as the 1-process runs
+    run_cli(base_args(toy, tmp_path, loss, "--po-loss", loss, "--batch-size", "8", *extra), nproc=2)
+    run_dir = tmp_path / loss
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "epoch_2.pt")
+    assert all(k.startswith("module.") for k in ckpt["state_dict"])  # DDP really wrapped the policy
+    assert "opt: timm/adamax" in (run_dir / "params.txt").read_text() or loss != "dpo"
+    ref, triplets = load_reference(toy), toy_triplets(toy)
+    policy = load_policy(toy, run_dir / "checkpoints" / "epoch_2.pt")
+    assert_learned(preference_stats(policy, ref, triplets), preference_stats(ref, ref, triplets))
+    if "--lock-text" in extra:
+        for name, p in policy.named_parameters():
+            if name.startswith(("transformer.", "token_embedding", "ln_final", "text_projection")):
+                torch.testing.assert_close(p, dict(ref.named_parameters())[name], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_reference_stays_frozen_and_globals_are_restored(toy, tmp_path):
+    originals = {name: getattr(ocm, name) for name in PATCHED}
+    session = run_in_process(base_args(toy, tmp_path, "frozen", "--po-loss", "dpo", epochs=1))
+    assert {name: getattr(ocm, name) for name in PATCHED} == originals
+    ref_model = session.reference.model
+    start = load_reference(toy).state_dict()
+    for name, value in ref_model.state_dict().items():
+        assert torch.equal(value, start[name]), name
+    assert all(not p.requires_grad and p.grad is None for p in ref_model.parameters())
+    assert not ref_model.training
+    trained = load_policy(toy, tmp_path / "frozen" / "checkpoints" / "epoch_1.pt").state_dict()
+    assert any(not torch.equal(trained[k], start[k]) for k in start)  # while the policy did move
+
+
+@pytest.mark.slow
+def test_linear_head_mode_trains_only_w(toy, tmp_path):
+    run_in_process(base_args(toy, tmp_path, "head", "--po-loss", "dpo", "--po-linear-head", "--lr", "1e-2",
+                             epochs=1))
+    ckpt = load_checkpoint(tmp_path / "head" / "checkpoints" / "epoch_1.pt")
+    start = load_checkpoint(toy["pretrained"])["state_dict"]
+    assert set(ckpt["state_dict"]) == set(start)  # the head lives outside state_dict
+    for name, value in ckpt["state_dict"].items():
+        assert torch.equal(value, start[name]), name
+    W = ckpt["po_head"]["weight"]
+    assert W.shape == (32, 32) and not torch.allclose(W, torch.eye(32))
+    policy = load_policy(toy, tmp_path / "head" / "checkpoints" / "epoch_1.pt")
+    assert preference_stats(policy, load_reference(toy), toy_triplets(toy))["dpo_loss"] < math.log(2)
+
+
+@pytest.mark.slow
+def test_resume_matches_a_straight_run_including_bma(toy, tmp_path):
+    args = ["--po-loss", "dpo", "--po-average", "bma"]
+    run_in_process(base_args(toy, tmp_path, "straight", *args))
+
+    class Interrupted(Exception):
+        pass
+
+    argv = base_args(toy, tmp_path, "resumed", *args)
+    with pytest.raises(Interrupted), patched_open_clip_train() as session:
+        real = session.train_one_epoch
+
+        def stop_at_second_epoch(model, data, loss, epoch, *rest, **kw):
+            if epoch == 1:
+                raise Interrupted  # as if the job were killed after epoch 1's checkpoint
+            return real(model, data, loss, epoch, *rest, **kw)
+
+        ocm.train_one_epoch = stop_at_second_epoch
+        ocm.main(argv)
+    run_in_process(argv + ["--resume", "latest"])
+
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "epoch_2.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "epoch_2.pt")
+    for name, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert a["po_average"]["kind"] == "bma"
+    assert a["po_average"]["state"]["num_updates"] == b["po_average"]["state"]["num_updates"] == 12
+    for name, value in a["po_average"]["state_dict"].items():
+        torch.testing.assert_close(b["po_average"]["state_dict"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    # the average is not the last iterate
+    assert any(not torch.allclose(a["po_average"]["state_dict"][k], v)
+               for k, v in a["state_dict"].items() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_checkpoint_loads_in_stock_open_clip(toy, tmp_path):
+    run_in_process(base_args(toy, tmp_path, "stock", "--po-loss", "ipo", "--po-linear-head", epochs=1))
+    path = tmp_path / "stock" / "checkpoints" / "epoch_1.pt"
+    model, _, _ = open_clip.create_model_and_transforms("po-tiny", pretrained=str(path))
+    assert not hasattr(model, "po_head")  # stock open_clip: the base model, the head is simply not there
+
+
+@pytest.mark.slow
+def test_non_finite_losses_skip_steps_then_stop_with_a_checkpoint(toy, tmp_path, monkeypatch, caplog):
+    from open_clip_po.criterion import POCriterion
+    from open_clip_po.train import TooManyBadSteps
+
+    real = POCriterion.forward
+    calls = {"n": 0}
+
+    def poisoned(self, model, batch):
+        out = real(self, model, batch)
+        calls["n"] += 1
+        if calls["n"] == 2 or calls["n"] >= 4:  # one lone bad step, then a run of them
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(POCriterion, "forward", poisoned)
+    argv = base_args(toy, tmp_path, "nan", "--po-loss", "dpo", "--po-max-bad-steps", "3", epochs=1)
+    with pytest.raises(TooManyBadSteps, match=r"3 non-finite PO losses in a row at epoch 0; last good weights"):
+        run_in_process(argv)
+    assert "step skipped (1/3 in a row)" in caplog.text
+    saved = load_checkpoint(tmp_path / "nan" / "checkpoints" / "bad_steps_epoch_0.pt")
+    assert saved["epoch"] == 0 and torch.isfinite(torch.cat([v.flatten().float() for v in
+                                                             saved["state_dict"].values()])).all()
+
+
+def test_bad_flag_combinations_are_one_line_errors(toy, tmp_path):
+    from open_clip_po.main import main
+
+    cases = [
+        ([], "--po-loss is required"),
+        (["--po-loss", "nope"], "unknown --po-loss 'nope'; known: "),
+        (["--po-loss", "dpo", "--po-candidates", "classes"], "--po-candidates classes needs --po-classnames"),
+        (["--po-loss", "dpo", "--po-linear-head", "--ref-model", "po-tiny"], "--po-linear-head uses the frozen"),
+        (["--po-loss", "dpo", "--po-desirable-weight", "2"], "desirable_weight"),
+        (["--po-loss", "dpo", "--po-eval-weights", "average"], "--po-eval-weights average needs --po-average"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as exc:
+            main(base_args(toy, tmp_path, "bad") + extra)
+        text = str(exc.value.code)
+        assert text.startswith("open_clip_po.main: error:") and message in text and "\n" not in text, text
+    # and on the command line it is exactly one line on stderr
+    proc = subprocess.run([sys.executable, "-m", "open_clip_po.main", *base_args(toy, tmp_path, "bad")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == ["open_clip_po.main: error: --po-loss is required (one of: "
+                                                "ce, dpo, hinge, ipo, kto, ref_free, robust)"]
