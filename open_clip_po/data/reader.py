@@ -210,11 +210,20 @@ def _worker() -> tuple[int, int]:
 
 
 class _Tokenize:
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    """One caption → its tokens, memoised: PO captions repeat a lot (class templates, gender captions)."""
+
+    def __init__(self, tokenizer, cache_size: int = 16_384):
+        self.tokenizer, self.cache_size = tokenizer, cache_size
+        self._cache: dict[str, torch.Tensor] = {}
 
     def __call__(self, text: str) -> torch.Tensor:
-        return self.tokenizer([text])[0]
+        tokens = self._cache.get(text)
+        if tokens is None:
+            tokens = self.tokenizer([text])[0].clone()  # only ever read (stacked into batches), never modified
+            if len(self._cache) >= self.cache_size:
+                self._cache.clear()
+            self._cache[text] = tokens
+        return tokens
 
 
 class PreferenceDataset(IterableDataset):
