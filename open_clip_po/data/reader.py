@@ -27,6 +27,7 @@ import os
 import random
 import tarfile
 import zlib
+from contextlib import nullcontext
 from functools import partial
 
 import torch
@@ -315,7 +316,8 @@ def dataset_size(urls) -> int | None:
         folder = os.path.dirname(url)
         if folder not in cache:
             path = os.path.join(folder, SIZES_FILE)
-            cache[folder] = json.load(open(path)) if os.path.exists(path) else None
+            with open(path) if os.path.exists(path) else nullcontext() as f:
+                cache[folder] = json.load(f) if f is not None else None
         sizes = cache[folder]
         if sizes is None or os.path.basename(url) not in sizes:
             return None
