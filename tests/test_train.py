@@ -275,3 +275,48 @@ def test_bad_flag_combinations_are_one_line_errors(toy, tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == ["open_clip_po.main: error: --po-loss is required (one of: "
                                                 "ce, dpo, hinge, ipo, kto, ref_free, robust)"]
+
+
+@pytest.mark.slow
+def test_per_epoch_typographic_eval_is_logged(toy, tmp_path):
+    import io
+    import json
+    import random
+
+    from PIL import Image
+
+    from open_clip_po.data.typographic import build_eval_folder
+    from po_toy import COLOURS, colour_image
+
+    clean = tmp_path / "clean"
+    rng = random.Random(0)
+    for name in COLOURS:
+        (clean / name).mkdir(parents=True)
+        for j in range(2):
+            Image.open(io.BytesIO(colour_image(name, rng))).save(clean / name / f"{j}.png")
+    build_eval_folder(clean, tmp_path / "attacked", list(COLOURS), image_size=64, quiet=True)
+    run_in_process(base_args(toy, tmp_path, "evalrun", "--po-loss", "dpo", "--po-eval-images", str(clean),
+                             "--po-eval-typographic", str(tmp_path / "attacked"), epochs=2))
+    lines = [json.loads(line) for line in (tmp_path / "evalrun" / "po_eval.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    for record in lines:
+        assert set(record) == {"epoch", "po/clean_top1", "po/typographic_top1", "po/written_rate"}
+        assert all(0.0 <= v <= 1.0 for k, v in record.items() if k != "epoch")
+    assert "Eval Epoch: 2 po/clean_top1" in (tmp_path / "evalrun" / "out.log").read_text()
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_equals_the_large_batch(toy, tmp_path):
+    # DPO does not depend on the candidate set (Lemma 3.1), so two micro-batches of 8 = one batch of 16;
+    # plain SGD keeps the comparison linear (Adam would magnify float noise in near-zero gradients)
+    common = ["--po-loss", "dpo", "--po-reg-lambda", "0", "--lr-scheduler", "const", "--opt", "timm/sgd",
+              "--lr", "0.1"]
+    run_in_process(base_args(toy, tmp_path, "big", *common, epochs=1))
+    run_in_process(base_args(toy, tmp_path, "accum", *common, "--batch-size", "8", "--accum-freq", "2", epochs=1))
+    a = load_checkpoint(tmp_path / "big" / "checkpoints" / "epoch_1.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "accum" / "checkpoints" / "epoch_1.pt")["state_dict"]
+    start = load_checkpoint(toy["pretrained"])["state_dict"]
+    assert any(not torch.equal(a[k], start[k]) for k in a)
+    for name, value in a.items():  # float summation order differs: compare to how far the weights moved
+        moved = (value - start[name]).abs().max().item()
+        torch.testing.assert_close(b[name], value, rtol=1e-3, atol=1e-4 * max(moved, 1e-3), msg=name)
