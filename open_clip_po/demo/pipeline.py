@@ -1,0 +1,187 @@
+"""The demo pipeline: world → pre-training (open_clip's trainer) → typographic shards → PO fine-tunes
+(``torchrun -m open_clip_po.main``) → evaluation (``open_clip_po.eval``) → ``report.md`` / ``report.json``.
+
+Every stage is the project's public CLI run as a subprocess (or, for evaluation, the CLI's ``main`` in-process to
+save interpreter start-ups), so the demo exercises exactly what a user runs; the commands are logged in
+``DIR/commands.txt``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("open_clip_po.demo")
+
+TEMPLATE = "a photo of a {}."
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One fine-tuning run: a name for the table, the objective and its flags."""
+    name: str
+    loss: str
+    head: bool = False
+    flags: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    model: str = "po-small"
+    num_classes: int = 24
+    image_size: int = 64
+    pretrain_per_class: int = 400
+    pretrain_mix: tuple[float, float, float] = (0.4, 0.3, 0.3)   # object, labelled, word
+    train_per_class: int = 40                                     # clean images → PO triplets + D_reg
+    test_per_class: int = 25
+    text_size_224: tuple[int, int] = (54, 72)                     # font size at 224 px, as the builder's --font-size
+    pretrain_epochs: int = 6
+    pretrain_batch_size: int = 128
+    pretrain_lr: float = 1e-3
+    pretrain_warmup: int = 50
+    po_epochs: int = 3
+    po_batch_size: int = 32
+    po_procs: int = 2
+    methods: tuple[Method, ...] = ()
+    sweep_t: str = "-2:3:0.5"
+    seed: int = 0
+
+
+FULL_LR, HEAD_LR = "1e-4", "1e-2"
+
+
+def default_methods(quick: bool) -> tuple[Method, ...]:
+    """DPO, IPO, KTO and the CE baseline, each as a full fine-tune and as a linear head (quick: DPO and CE)."""
+    hp = {  # the paper's β/λ per objective (Sec. 4)
+        "dpo": ("--po-beta", "1", "--po-reg-lambda", "1"),
+        "ipo": ("--po-beta", "0.01", "--po-reg-lambda", "0.01"),
+        "kto": ("--po-beta", "1.5", "--po-reg-lambda", "0.01"),
+        "ce": ("--po-reg-lambda", "0"),
+    }
+    losses = ("dpo", "ce") if quick else ("dpo", "ipo", "kto", "ce")
+    out = []
+    for loss in losses:
+        out.append(Method(loss.upper(), loss, False, hp[loss] + ("--lr", FULL_LR)))
+        if not quick or loss == "dpo":
+            out.append(Method(loss.upper() + " + head", loss, True, hp[loss] + ("--lr", HEAD_LR)))
+    return tuple(out)
+
+
+def full_config() -> DemoConfig:
+    return DemoConfig(methods=default_methods(quick=False))
+
+
+def quick_config() -> DemoConfig:
+    return dataclasses.replace(DemoConfig(), pretrain_per_class=250, pretrain_epochs=5, train_per_class=20,
+                               test_per_class=12, po_epochs=2, methods=default_methods(quick=True))
+
+
+class StageError(RuntimeError):
+    """A stage's command failed; the message names it and the log file."""
+
+
+class Runner:
+    """Runs the stages' commands, logging each to ``DIR/commands.txt`` and its output to ``DIR/logs/``."""
+
+    def __init__(self, out: Path, threads: int | None = None):
+        self.out = out
+        self.logs = out / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.timings: dict[str, float] = {}
+        self.env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+        if threads:
+            self.env["OMP_NUM_THREADS"] = str(threads)
+
+    def run(self, stage: str, argv: list[str]) -> None:
+        with open(self.out / "commands.txt", "a", encoding="utf-8") as f:
+            f.write(shlex.join(argv) + "\n")
+        log.info("[%s] %s", stage, shlex.join(argv))
+        t0 = time.perf_counter()
+        with open(self.logs / f"{stage}.log", "w", encoding="utf-8") as logf:
+            proc = subprocess.run(argv, stdout=logf, stderr=subprocess.STDOUT, env=self.env, cwd=self.out)
+        self.timings[stage] = round(time.perf_counter() - t0, 1)
+        if proc.returncode != 0:
+            tail = (self.logs / f"{stage}.log").read_text(encoding="utf-8", errors="replace").strip().splitlines()
+            raise StageError(f"stage {stage!r} failed (exit {proc.returncode}); see {self.logs / stage}.log: "
+                             + (tail[-1] if tail else "no output"))
+
+    def timed(self, stage: str, fn, *args, **kwargs):
+        t0 = time.perf_counter()
+        result = fn(*args, **kwargs)
+        self.timings[stage] = round(time.perf_counter() - t0, 1)
+        return result
+
+
+def pretrain_argv(cfg: DemoConfig, csv: Path, logs: Path, threads: int | None) -> list[str]:
+    """open_clip's own trainer on the world's captions (po-small is registered by importing open_clip_po)."""
+    boot = "import sys, open_clip_po; from open_clip_train.main import main; main(sys.argv[1:])"
+    return [sys.executable, "-c", boot,
+            "--model", cfg.model, "--train-data", str(csv), "--dataset-type", "csv",
+            "--csv-separator", "\t", "--csv-img-key", "filepath", "--csv-caption-key", "title",
+            "--batch-size", str(cfg.pretrain_batch_size), "--epochs", str(cfg.pretrain_epochs),
+            "--lr", str(cfg.pretrain_lr), "--wd", "0.1", "--warmup", str(cfg.pretrain_warmup),
+            "--workers", "1", "--precision", "fp32", "--seed", str(cfg.seed), "--log-every-n-steps", "20",
+            "--save-frequency", str(cfg.pretrain_epochs), "--logs", str(logs), "--name", "pretrain"]
+
+
+def shard_spec(folder: Path, prefix: str) -> str:
+    """A brace pattern over ``folder/prefix-*.tar`` (as written by the builders; consecutive numbers)."""
+    shards = sorted(p.name for p in folder.glob(f"{prefix}-*.tar"))
+    if not shards:
+        raise StageError(f"no {prefix}-*.tar shards in {folder}")
+    first, last = shards[0][len(prefix) + 1:-4], shards[-1][len(prefix) + 1:-4]
+    if first == last:
+        return str(folder / shards[0])
+    return str(folder / f"{prefix}-{{{first}..{last}}}.tar")
+
+
+def finetune_argv(cfg: DemoConfig, method: Method, pretrained: Path, shards: Path, logs: Path, run_name: str
+                  ) -> list[str]:
+    """``torchrun --nproc_per_node=N -m open_clip_po.main`` with the method's flags (gloo on CPU)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.po_procs}",
+                "--master_port", str(29500 + (os.getpid() + hash(run_name)) % 2000)]
+    argv = launcher + [
+        "-m", "open_clip_po.main", "--po-loss", method.loss, "--model", cfg.model, "--pretrained", str(pretrained),
+        "--train-data", shard_spec(shards, "pref"), "--po-reg-data", shard_spec(shards, "reg"),
+        "--po-candidates", "classes", "--po-classnames", str(shards / "classnames.txt"), "--po-template", TEMPLATE,
+        "--batch-size", str(cfg.po_batch_size), "--epochs", str(cfg.po_epochs), "--warmup", "5",
+        "--workers", "1", "--precision", "fp32", "--seed", str(cfg.seed), "--opt", "timm/adamax", "--wd", "0",
+        "--log-every-n-steps", "10", "--save-frequency", str(cfg.po_epochs),
+        "--logs-dir", str(logs), "--name", run_name]
+    if method.head:
+        argv.append("--po-linear-head")
+    return argv + list(method.flags)
+
+
+def checkpoint_of(logs: Path, run_name: str) -> Path:
+    ckpt_dir = logs / run_name / "checkpoints"
+    found = sorted(ckpt_dir.glob("epoch_*.pt"), key=lambda p: (p.stem != "epoch_latest",
+                                                              int(p.stem.split("_")[1]) if p.stem[6:].isdigit() else 0))
+    if not found:
+        raise StageError(f"no checkpoint in {ckpt_dir}")
+    latest = max((p for p in found if p.stem[6:].isdigit()), key=lambda p: int(p.stem[6:]), default=found[0])
+    return latest
+
+
+def run_eval(argv: list[str]) -> None:
+    """``python -m open_clip_po.eval ARGV`` in this process (saves a start-up per evaluation)."""
+    from open_clip_po.eval.__main__ import main as eval_main
+    code = eval_main(argv)
+    if code:
+        raise StageError(f"python -m open_clip_po.eval {shlex.join(argv)} failed with exit {code}")
+
+
+def zeroshot_argv(cfg: DemoConfig, ckpt: Path, test: Path, attacked: Path, output: Path) -> list[str]:
+    return ["zeroshot", "--model", cfg.model, "--pretrained", str(ckpt), "--images", str(test),
+            "--typographic", str(attacked), "--template", TEMPLATE, "--workers", "0", "--output", str(output)]
+
+
+def read_metrics(path: Path) -> dict:
+    m = json.loads(path.read_text(encoding="utf-8"))["metrics"]
+    return {"clean": m["clean_top1"], "attacked": m["typographic_top1"], "written_rate": m["written_rate"]}

@@ -1,0 +1,138 @@
+"""``DIR/report.md`` and ``DIR/report.json``: the demo's Table-1-like results, the targets, and the plots."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+PO_LOSSES = ("dpo", "ipo", "kto")
+TARGET_ATTACKED_GAIN = 0.30   # attacked accuracy up by >= 30 points over the pre-trained model ...
+TARGET_CLEAN_DROP = 0.02      # ... with clean accuracy down by <= 2 points, for at least one PO objective
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name("." + path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def check_targets(rows: list[dict]) -> dict:
+    """The issue's targets, measured on ``rows`` (first row = the pre-trained model)."""
+    pre = rows[0]
+    done = [r for r in rows[1:] if "attacked" in r]
+    po = [r for r in done if r["loss"] in PO_LOSSES]
+    gains = {r["method"]: {"attacked_gain": r["attacked"] - pre["attacked"], "clean_drop": pre["clean"] - r["clean"]}
+             for r in po}
+    robust = [m for m, g in gains.items()
+              if g["attacked_gain"] >= TARGET_ATTACKED_GAIN and g["clean_drop"] <= TARGET_CLEAN_DROP]
+    closer = {}
+    for ce in (r for r in done if r["loss"] == "ce" and "kl_to_ref" in r):
+        for r in po:
+            if r["head"] == ce["head"] and "kl_to_ref" in r:
+                closer[f"{r['method']} vs {ce['method']}"] = r["kl_to_ref"] < ce["kl_to_ref"]
+    return {
+        "attacked_gain_and_clean_drop": gains,
+        "robust_methods": robust,
+        "robust_met": bool(robust),
+        "po_closer_to_reference_than_ce": closer,
+        "closer_met": bool(closer) and all(closer.values()),
+        "po_beats_pretrained_on_attacked": any(r["attacked"] > pre["attacked"] for r in po),
+        "pretrained_reads": pre["written_rate"],
+    }
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.1f}"
+
+
+def plot_table(rows: list[dict], path: Path) -> Path:
+    """Grouped bars: clean / attacked accuracy and written-class rate per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    done = [r for r in rows if "attacked" in r]
+    x = np.arange(len(done))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(done)), 3.6), dpi=100)
+    for i, (key, label) in enumerate((("clean", "clean top-1 (O)"), ("attacked", "attacked top-1 (T)"),
+                                      ("written_rate", "written-class rate"))):
+        ax.bar(x + (i - 1) * 0.27, [100 * r[key] for r in done], width=0.27, label=label)
+    ax.set_xticks(x, [r["method"] for r in done], rotation=20, ha="right")
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, 1.18))
+    fig.tight_layout()
+    tmp = path.with_name("." + path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def write_report(out: Path, *, cfg: dict, counts: dict, rows: list[dict], sweep: dict | None,
+                 timings: dict) -> dict:
+    targets = check_targets(rows)
+    report = {
+        "task": "typographic_attack_demo",
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count()},
+        "config": cfg,
+        "world": counts,
+        "methods": rows,
+        "targets": targets,
+        "sweep": None if sweep is None else {"method": sweep["method"], "rows": sweep["rows"]},
+        "timings_s": timings,
+    }
+    _atomic_write(out / "report.json", json.dumps(report, indent=2, default=str))
+    plot_table(rows, out / "report_table.png")
+
+    pre = rows[0]
+    lines = [
+        "# open_clip_po demo: preference optimisation against typographic attacks",
+        "",
+        f"A `{cfg['model']}` CLIP pre-trained with open_clip's trainer on a synthetic world of "
+        f"{cfg['num_classes']} classes (coloured shapes named by single words), where a share of the images "
+        "show the class name written on them, then fine-tuned on typographic preference triplets "
+        "(x = an image with a wrong class name written on it, y_w = the true class prompt, y_l = the written "
+        "class prompt) through `torchrun -m open_clip_po.main`. Accuracies on held-out images; "
+        "*attacked* = the same images with a wrong class name written on them; *written-class rate* = how often "
+        "the model predicts the written class; KL = mean KL(π_θ‖π_ref) over the class prompts on clean images.",
+        "",
+        "| method | clean (O) | attacked (T) | written-class rate | KL to reference | Δ attacked | Δ clean |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "attacked" not in r:
+            lines.append(f"| {r['method']} | failed: {r.get('error', '?')} | | | | | |")
+            continue
+        kl = r.get("kl_to_ref")
+        d_att = "" if r is pre else f"{100 * (r['attacked'] - pre['attacked']):+.1f}"
+        d_clean = "" if r is pre else f"{100 * (r['clean'] - pre['clean']):+.1f}"
+        lines.append(f"| {r['method']} | {_pct(r['clean'])} | {_pct(r['attacked'])} | {_pct(r['written_rate'])} | "
+                     f"{'—' if kl is None else f'{kl:.3g}'} | {d_att} | {d_clean} |")
+    lines += [
+        "",
+        "Targets (issue 9): attacked accuracy up ≥ 30 points with clean accuracy down ≤ 2 points for at least one "
+        f"PO objective — **{'met' if targets['robust_met'] else 'not met'}**"
+        + (f" ({', '.join(targets['robust_methods'])})" if targets["robust_methods"] else "")
+        + "; PO closer to the reference than CE — "
+        f"**{'met' if targets['closer_met'] else 'not met'}**"
+        + (" (" + ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in targets["po_closer_to_reference_than_ce"].items())
+           + ")" if targets["po_closer_to_reference_than_ce"] else "") + ".",
+        "",
+        "![accuracy per method](report_table.png)",
+    ]
+    if (out / "eval" / "kl.png").exists():
+        lines += ["", "![KL to the reference](eval/kl.png)"]
+    if sweep is not None:
+        lines += ["", f"t-sweep of the {sweep['method']} model (W_t = UΣ^tVᵀ; t = 0 is the pre-trained model, "
+                      "t = 1 the trained head, t < 0 reverses it):", "", "![t-sweep](eval/sweep.png)"]
+    if (out / "world_examples.png").exists():
+        lines += ["", "The world (rows: objects, labelled objects, words only, attacked test images):", "",
+                  "![examples](world_examples.png)"]
+    lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()),
+              "", "Every command that ran is in `commands.txt`, its output in `logs/`."]
+    _atomic_write(out / "report.md", "\n".join(lines) + "\n")
+    return report

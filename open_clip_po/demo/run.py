@@ -1,0 +1,134 @@
+"""``run_demo(cfg, out)``: every stage of the demo, in order; returns the report dict."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from .pipeline import (DemoConfig, Runner, StageError, TEMPLATE, checkpoint_of, finetune_argv, pretrain_argv,
+                       read_metrics, run_eval, zeroshot_argv)
+from .report import write_report
+from .world import FONT_DIR, TextStyle, world_classes
+from .world_files import (examples_grid, write_class_folder, write_classnames, write_pretrain_set, write_world_json)
+
+log = logging.getLogger("open_clip_po.demo")
+
+
+def _fresh(path: Path) -> Path:
+    """Remove a previous run's output folder (only ever inside the demo's own output directory)."""
+    if path.exists():
+        shutil.rmtree(path)
+    return path
+
+
+def build_world(cfg: DemoConfig, out: Path, quiet: bool) -> dict:
+    world = _fresh(out / "world")
+    world.mkdir(parents=True)
+    classes = world_classes(cfg.num_classes)
+    style = TextStyle(size_range=cfg.text_size_224)
+    counts = write_pretrain_set(world, classes, cfg.pretrain_per_class, cfg.pretrain_mix, cfg.seed, style,
+                                cfg.image_size, quiet)
+    counts["train"] = write_class_folder(world / "train", classes, cfg.train_per_class, cfg.seed, cfg.image_size,
+                                         quiet)
+    counts["test"] = write_class_folder(world / "test", classes, cfg.test_per_class, cfg.seed + 1000,
+                                        cfg.image_size, quiet)
+    write_classnames(world / "classnames.txt", classes)
+    write_world_json(world / "world.json", classes, counts)
+    return counts
+
+
+def typographic_argv(cfg: DemoConfig, out: Path) -> list[str]:
+    world = out / "world"
+    font = FONT_DIR / "DejaVuSans-Bold.ttf"
+    argv = [sys.executable, "-m", "open_clip_po.data.typographic", "--images", str(world / "train"),
+            "--out", str(out / "shards"), "--image-size", str(cfg.image_size), "--template", TEMPLATE,
+            "--font-size", *map(str, cfg.text_size_224), "--image-format", "png", "--seed", str(cfg.seed),
+            "--eval-out", str(world / "test_attacked"), "--eval-images", str(world / "test"), "--quiet",
+            # two shards per rank: every (rank, loader worker) reader needs its own shard
+            "--max-count", str(-(-cfg.num_classes * cfg.train_per_class // (2 * cfg.po_procs)))]
+    if font.is_file():
+        argv += ["--fonts", str(font)]
+    return argv
+
+
+def run_demo(cfg: DemoConfig, out: Path, *, pretrained: Path | None = None, quiet: bool = False,
+             threads: int | None = None) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "commands.txt").write_text("", encoding="utf-8")
+    runner = Runner(out, threads)
+    t_start = time.perf_counter()
+    runs = out / "runs"
+
+    log.info("1/5 world: %d classes, %d pre-training images per class", cfg.num_classes, cfg.pretrain_per_class)
+    counts = runner.timed("world", build_world, cfg, out, quiet)
+
+    if pretrained is None:
+        log.info("2/5 pre-training %s with open_clip's trainer (%d epochs)", cfg.model, cfg.pretrain_epochs)
+        _fresh(runs / "pretrain")
+        runner.run("pretrain", pretrain_argv(cfg, out / "world" / "pretrain.csv", runs, threads))
+        pretrained = checkpoint_of(runs, "pretrain")
+
+    log.info("3/5 typographic shards and the attacked test set")
+    _fresh(out / "shards"), _fresh(out / "world" / "test_attacked")
+    runner.run("shards", typographic_argv(cfg, out))
+    examples_grid(out / "world", out / "world_examples.png")
+
+    test, attacked = out / "world" / "test", out / "world" / "test_attacked"
+    evals = _fresh(out / "eval")
+    evals.mkdir()
+    rows = []
+    runner.timed("eval-pretrained", run_eval, zeroshot_argv(cfg, pretrained, test, attacked, evals / "pretrained.json"))
+    rows.append({"method": "pre-trained", "loss": None, "head": False, "checkpoint": str(pretrained),
+                 **read_metrics(evals / "pretrained.json")})
+    log.info("pre-trained: %s", _fmt(rows[-1]))
+
+    log.info("4/5 fine-tuning: %s", ", ".join(m.name for m in cfg.methods))
+    for method in cfg.methods:
+        name = method.name.lower().replace(" + ", "-").replace(" ", "-")
+        _fresh(runs / name)
+        try:
+            runner.run(f"finetune-{name}", finetune_argv(cfg, method, pretrained, out / "shards", runs, name))
+        except StageError as e:
+            log.error("%s", e)
+            rows.append({"method": method.name, "loss": method.loss, "head": method.head, "error": str(e)})
+            continue
+        ckpt = checkpoint_of(runs, name)
+        runner.timed(f"eval-{name}", run_eval, zeroshot_argv(cfg, ckpt, test, attacked, evals / f"{name}.json"))
+        rows.append({"method": method.name, "loss": method.loss, "head": method.head, "checkpoint": str(ckpt),
+                     **read_metrics(evals / f"{name}.json")})
+        log.info("%s: %s", method.name, _fmt(rows[-1]))
+
+    log.info("5/5 KL to the reference, t-sweep, report")
+    tuned = [r for r in rows[1:] if "checkpoint" in r]
+    if tuned:
+        kl_argv = ["kl", "--model", cfg.model, "--pretrained", *[r["checkpoint"] for r in tuned],
+                   "--ref-pretrained", str(pretrained), "--images", str(test), "--template", TEMPLATE,
+                   "--workers", "0", "--output", str(evals / "kl.json")]
+        for r in tuned:
+            kl_argv += ["--label", r["method"]]
+        runner.timed("eval-kl", run_eval, kl_argv)
+        kl = json.loads((evals / "kl.json").read_text(encoding="utf-8"))["metrics"]
+        for r in tuned:
+            r["kl_to_ref"] = kl[r["method"]]["kl_mean"]
+    rows[0]["kl_to_ref"] = 0.0
+    sweep = None
+    head_rows = [r for r in tuned if r["head"] and r["loss"] != "ce"]
+    if head_rows:
+        sweep_argv = ["sweep", "--model", cfg.model, "--pretrained", head_rows[0]["checkpoint"], "--images",
+                      str(test), "--typographic", str(attacked), "--template", TEMPLATE, "--t", cfg.sweep_t,
+                      "--workers", "0", "--output", str(evals / "sweep.json")]
+        runner.timed("eval-sweep", run_eval, sweep_argv)
+        sweep = {"method": head_rows[0]["method"], **json.loads((evals / "sweep.json").read_text(encoding="utf-8"))}
+
+    runner.timings["total"] = round(time.perf_counter() - t_start, 1)
+    return write_report(out, cfg=dataclasses.asdict(cfg), counts=counts, rows=rows, sweep=sweep,
+                        timings=runner.timings)
+
+
+def _fmt(row: dict) -> str:
+    return (f"clean {100 * row['clean']:.1f}%, attacked {100 * row['attacked']:.1f}%, "
+            f"written-class {100 * row['written_rate']:.1f}%")
