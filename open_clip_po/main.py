@@ -258,8 +258,9 @@ class POSession:
                               f"last good weights saved to {path}")
 
     def end_of_epoch(self, epoch):
-        self.ledger.all_reduce()
-        self.ledger.log(epoch=epoch)
+        self.ledger.log(epoch=epoch)  # sums over ranks: every rank must call it
+        if epoch + 1 == self.args.epochs:
+            self.ledger.log()  # the run's total
 
     # --- evaluation --------------------------------------------------------------------------------------------
     def evaluate(self, model, data, epoch, args, tb_writer=None, tokenizer=None):
