@@ -22,10 +22,11 @@ Keeping the head out of ``state_dict`` means every checkpoint loads in stock
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .atomic import atomic_path
 
 HEAD_KEY = "po_head"
 AVERAGE_KEY = "po_average"
@@ -77,21 +78,9 @@ def model_weights(checkpoint: dict, weights: str = "raw", path: str = "checkpoin
 
 def atomic_save(obj, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode a plain open() would
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return Path(path)
 
 
 def create_model_from_checkpoint(model_name: str, path: str | os.PathLike, weights: str = "raw",

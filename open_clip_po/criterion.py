@@ -77,8 +77,7 @@ class POCriterion(nn.Module):
         images, chosen, rejected = batch["images"], batch["chosen"], batch["rejected"]
         reg_images, reg_texts = batch.get("reg_images"), batch.get("reg_texts")
         use_reg = reg_images is not None and self.settings.reg_lambda > 0
-        n_pref, n_reg = images.shape[0], (reg_images.shape[0] if use_reg else 0)
-        n_reg_text = reg_texts.shape[0] if use_reg else 0
+        n_pref, n_reg_text = images.shape[0], (reg_texts.shape[0] if use_reg else 0)
 
         text_parts = [chosen, rejected] + ([reg_texts] if use_reg else [])
         if self.settings.candidates == "classes":

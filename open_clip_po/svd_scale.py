@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .checkpoint import (AVERAGE_KEY, HEAD_KEY, WEIGHT_CHOICES, CheckpointError, atomic_save, load_checkpoint,
                          model_weights)
+from .cli_args import negative_values_as_one_token
 from .surgery import SurgeryError, embedding_dim, fold_head, head_model_at, scale_head
 
 __all__ = ["scale_head", "fold_head", "head_model_at", "SurgeryError", "default_output_path", "main"]
@@ -46,24 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print and write OUT-stem.report.json and .report.png (WᵀW, its residual, "
                              "singular values of W and W_t)")
     return parser
-
-
-def _float_option_values(argv: list[str]) -> list[str]:
-    """``--t -1e-3`` → ``--t=-1e-3``: argparse takes "-2" and "-0.5" as values but not "-1e-3"."""
-    out, i = [], 0
-    while i < len(argv):
-        if argv[i] == "--t" and i + 1 < len(argv) and argv[i + 1].startswith("-"):
-            try:
-                float(argv[i + 1])
-            except ValueError:
-                pass
-            else:
-                out.append(f"--t={argv[i + 1]}")
-                i += 2
-                continue
-        out.append(argv[i])
-        i += 1
-    return out
 
 
 def default_output_path(checkpoint: str | os.PathLike, t: float, weights: str = "raw",
@@ -134,7 +117,7 @@ def run(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(_float_option_values(list(sys.argv[1:] if argv is None else argv)))
+    args = parser.parse_args(negative_values_as_one_token(list(sys.argv[1:] if argv is None else argv)))
     try:
         run(args)
     except CheckpointError as e:  # SurgeryError included: one line for the user, no traceback

@@ -6,6 +6,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
+from ..atomic import write_text
+
 
 def ordered_map(fn: Callable, items: Sequence, workers: int = 0, desc: str = "", quiet: bool = False,
                 chunksize: int = 16) -> Iterator:
@@ -28,11 +30,4 @@ def ordered_map(fn: Callable, items: Sequence, workers: int = 0, desc: str = "",
 
 
 def write_lines(path, lines: Iterable[str]) -> None:
-    import os
-    import tempfile
-
-    path = str(path)
-    fd, tmp = tempfile.mkstemp(prefix=".lines.", suffix=".tmp", dir=os.path.dirname(path) or ".")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(line + "\n" for line in lines)
-    os.replace(tmp, path)
+    write_text(path, "".join(line + "\n" for line in lines))

@@ -23,6 +23,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..atomic import write_text
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # what the reader accepts as the image member
 YW, YL, TXT, META = "yw.txt", "yl.txt", "txt", "json"
 SIZES_FILE = "sizes.json"
@@ -39,19 +41,6 @@ def check_key(key: str) -> str:
     return key
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def update_sizes(out_dir: str | os.PathLike, sizes: dict[str, int], drop: tuple[str, ...] = ()) -> Path:
     """Merge ``sizes`` into ``out_dir/sizes.json`` (atomically), removing entries named in ``drop``."""
     path = Path(out_dir) / SIZES_FILE
@@ -59,7 +48,7 @@ def update_sizes(out_dir: str | os.PathLike, sizes: dict[str, int], drop: tuple[
     for name in drop:
         merged.pop(name, None)
     merged.update({k: int(v) for k, v in sizes.items()})
-    _write_json_atomic(path, merged)
+    write_text(path, json.dumps(merged, indent=1, sort_keys=True) + "\n")
     return path
 
 

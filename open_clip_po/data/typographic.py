@@ -36,6 +36,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ..atomic import atomic_path
 from ._build import ordered_map, write_lines
 from .shards import (META, TXT, YL, YW, ShardWriter, add_writer_args, encode_image, fit_square,
                      format_caption, load_classnames, load_image, scan_image_folder, writer_kwargs)
@@ -162,9 +163,8 @@ def _attack_eval(item, root, out, names, image_size, fonts, size_range, seed):
     rel = Path(source)
     target = Path(out) / rel.parent / f"{rel.stem}_true{label}_written{written}.png"
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name("." + target.name + ".tmp")
-    attacked.save(tmp, format="PNG")
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        attacked.save(tmp, format="PNG")
     return {"file": target.relative_to(out).as_posix(), "source": source, "label": label, "written": written,
             "attack": params}
 

@@ -10,6 +10,7 @@ import logging
 import sys
 
 from open_clip_po.checkpoint import WEIGHT_CHOICES, CheckpointError
+from open_clip_po.cli_args import negative_values_as_one_token
 
 from .errors import EvalError
 from .gender import DEFAULT_CAPTION, DEFAULT_NEUTRAL
@@ -130,22 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _t_values_as_one_token(argv: list[str]) -> list[str]:
-    """``--t -4:4:0.5`` → ``--t=-4:4:0.5``: argparse would read a value starting with '-' as an option."""
-    out, i = [], 0
-    while i < len(argv):
-        if argv[i] == "--t" and i + 1 < len(argv) and argv[i + 1][:2] not in ("--",) and argv[i + 1].startswith("-"):
-            out.append(f"--t={argv[i + 1]}")
-            i += 2
-            continue
-        out.append(argv[i])
-        i += 1
-    return out
-
-
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(_t_values_as_one_token(argv))
+    args = build_parser().parse_args(negative_values_as_one_token(argv))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     import open_clip_po  # noqa: F401  (registers po-tiny / po-small)
 

@@ -5,8 +5,6 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -15,25 +13,12 @@ import matplotlib
 matplotlib.use("Agg")  # headless: clusters and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..atomic import write_bytes  # noqa: E402
+
 FIGURE_DPI = 100
 # Plots are saved without bbox_inches="tight" so their size in pixels is exactly size × FIGURE_DPI.
 SINGLE_FIGSIZE = (6.4, 4.8)
 WIDE_FIGSIZE = (12.8, 4.8)
-
-
-def _atomic_write_bytes(data: bytes, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
 
 
 def _json_safe(value):
@@ -47,7 +32,7 @@ def _json_safe(value):
 
 
 def write_json(obj, path) -> Path:
-    return _atomic_write_bytes((json.dumps(_json_safe(obj), indent=2) + "\n").encode(), path)
+    return write_bytes(path, (json.dumps(_json_safe(obj), indent=2) + "\n").encode())
 
 
 def write_csv(rows: Sequence[dict], path, columns: Iterable[str] | None = None) -> Path:
@@ -56,14 +41,14 @@ def write_csv(rows: Sequence[dict], path, columns: Iterable[str] | None = None) 
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    return _atomic_write_bytes(buffer.getvalue().encode(), path)
+    return write_bytes(path, buffer.getvalue().encode())
 
 
 def save_figure(fig, path) -> Path:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=FIGURE_DPI)
     plt.close(fig)
-    return _atomic_write_bytes(buffer.getvalue(), path)
+    return write_bytes(path, buffer.getvalue())
 
 
 def figure_pixels(figsize) -> tuple[int, int]:

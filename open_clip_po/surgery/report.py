@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_path, write_text
 from .scaling import head_stats
 
 
@@ -26,23 +26,8 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def write_report_json(report: dict, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
-    return path
+    return write_text(path, json.dumps(report, indent=2) + "\n")
 
 
 def plot_report(heads: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
@@ -74,6 +59,7 @@ def plot_report(heads: dict[str, torch.Tensor], path: str | os.PathLike) -> Path
         row[2].set_xlabel("σ")
         row[2].set_ylabel("count")
     fig.tight_layout()
-    _write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return path
