@@ -241,7 +241,7 @@ class POSession:
 
     def bad_step(self, model, optimizer, scaler, epoch, out):
         self.bad_steps += 1
-        logging.warning(f"non-finite PO loss ({float(out['loss'])}) at epoch {epoch}: step skipped "
+        logging.warning(f"non-finite PO loss ({out['loss'].detach().item()}) at epoch {epoch}: step skipped "
                         f"({self.bad_steps}/{self.args.po_max_bad_steps} in a row)")
         if self.bad_steps < self.args.po_max_bad_steps:
             return
@@ -404,6 +404,9 @@ def main(argv=None) -> int:
         po_argument_parser().print_help()
         print("\nAll open_clip_train flags are accepted as well (python -m open_clip_train.main --help).")
         return 0
+    for name in ("torch._dynamo", "torch._subclasses"):
+        # open_clip sets the root logger to INFO; these print compile statistics at exit even when nothing compiled
+        logging.getLogger(name).setLevel(logging.WARNING)
     with patched_open_clip_train():
         try:
             status = ocm.main(argv)
