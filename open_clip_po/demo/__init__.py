@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default=None,
                    help="skip pre-training and start from this po-small checkpoint (e.g. DIR/runs/pretrain/"
                         "checkpoints/epoch_N.pt of an earlier run)")
+    p.add_argument("--pretrain-only", action="store_true",
+                   help="stop after pre-training: report the pre-trained model's vulnerability only")
     p.add_argument("--seed", type=int, default=0, help="seed of the world and of every run (default: 0)")
     p.add_argument("--threads", type=int, default=None,
                    help="OMP_NUM_THREADS for the subprocesses (default: the environment's)")
@@ -48,6 +50,8 @@ def main(argv=None) -> int:
 
     cfg = quick_config() if args.quick else full_config()
     cfg = dataclasses.replace(cfg, seed=args.seed)
+    if args.pretrain_only:
+        cfg = dataclasses.replace(cfg, methods=())
     pretrained = None
     if args.pretrained is not None:
         pretrained = Path(args.pretrained).resolve()

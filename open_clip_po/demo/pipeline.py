@@ -32,16 +32,26 @@ class Method:
 
 
 @dataclasses.dataclass(frozen=True)
+class Stage:
+    """One pre-training run of open_clip's trainer on its own images: how many per class, which kinds, epochs.
+
+    The demo pre-trains in two stages, a curriculum: first mostly words (reading is slow to start and a small
+    model otherwise settles on the easier colour-and-shape cue), then the whole world."""
+    name: str
+    per_class: int
+    mix: tuple[float, float, float]   # object, labelled, word
+    epochs: int
+
+
+@dataclasses.dataclass(frozen=True)
 class DemoConfig:
     model: str = "po-small"
     num_classes: int = 24
     image_size: int = 64
-    pretrain_per_class: int = 400
-    pretrain_mix: tuple[float, float, float] = (0.4, 0.3, 0.3)   # object, labelled, word
+    stages: tuple[Stage, ...] = (Stage("read", 500, (0.0, 0.2, 0.8), 4), Stage("see", 500, (0.3, 0.35, 0.35), 3))
     train_per_class: int = 40                                     # clean images → PO triplets + D_reg
     test_per_class: int = 25
-    text_size_224: tuple[int, int] = (54, 72)                     # font size at 224 px, as the builder's --font-size
-    pretrain_epochs: int = 6
+    text_size_224: tuple[int, int] = (64, 84)                     # font size at 224 px, as the builder's --font-size
     pretrain_batch_size: int = 128
     pretrain_lr: float = 1e-3
     pretrain_warmup: int = 50
@@ -78,7 +88,8 @@ def full_config() -> DemoConfig:
 
 
 def quick_config() -> DemoConfig:
-    return dataclasses.replace(DemoConfig(), pretrain_per_class=250, pretrain_epochs=5, train_per_class=20,
+    return dataclasses.replace(DemoConfig(), stages=(Stage("read", 300, (0.0, 0.2, 0.8), 3),
+                                                     Stage("see", 300, (0.4, 0.3, 0.3), 3)), train_per_class=20,
                                test_per_class=12, po_epochs=2, methods=default_methods(quick=True))
 
 
@@ -118,16 +129,17 @@ class Runner:
         return result
 
 
-def pretrain_argv(cfg: DemoConfig, csv: Path, logs: Path, threads: int | None) -> list[str]:
+def pretrain_argv(cfg: DemoConfig, stage: Stage, csv: Path, logs: Path, start: Path | None) -> list[str]:
     """open_clip's own trainer on the world's captions (po-small is registered by importing open_clip_po)."""
     boot = "import sys, open_clip_po; from open_clip_train.main import main; main(sys.argv[1:])"
     return [sys.executable, "-c", boot,
             "--model", cfg.model, "--train-data", str(csv), "--dataset-type", "csv",
             "--csv-separator", "\t", "--csv-img-key", "filepath", "--csv-caption-key", "title",
-            "--batch-size", str(cfg.pretrain_batch_size), "--epochs", str(cfg.pretrain_epochs),
+            "--batch-size", str(cfg.pretrain_batch_size), "--epochs", str(stage.epochs),
             "--lr", str(cfg.pretrain_lr), "--wd", "0.1", "--warmup", str(cfg.pretrain_warmup),
             "--workers", "1", "--precision", "fp32", "--seed", str(cfg.seed), "--log-every-n-steps", "20",
-            "--save-frequency", str(cfg.pretrain_epochs), "--logs", str(logs), "--name", "pretrain"]
+            "--save-frequency", str(stage.epochs), "--logs", str(logs), "--name", f"pretrain-{stage.name}"
+            ] + ([] if start is None else ["--pretrained", str(start)])
 
 
 def shard_spec(folder: Path, prefix: str) -> str:

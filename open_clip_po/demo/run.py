@@ -25,13 +25,15 @@ def _fresh(path: Path) -> Path:
     return path
 
 
-def build_world(cfg: DemoConfig, out: Path, quiet: bool) -> dict:
+def build_world(cfg: DemoConfig, out: Path, quiet: bool, pretraining: bool = True) -> dict:
     world = _fresh(out / "world")
     world.mkdir(parents=True)
     classes = world_classes(cfg.num_classes)
     style = TextStyle(size_range=cfg.text_size_224)
-    counts = write_pretrain_set(world, classes, cfg.pretrain_per_class, cfg.pretrain_mix, cfg.seed, style,
-                                cfg.image_size, quiet)
+    counts = {}
+    for stage in cfg.stages if pretraining else ():
+        counts[f"pretrain-{stage.name}"] = write_pretrain_set(world, classes, stage.per_class, stage.mix, cfg.seed,
+                                                             style, cfg.image_size, quiet, f"pretrain-{stage.name}")
     counts["train"] = write_class_folder(world / "train", classes, cfg.train_per_class, cfg.seed, cfg.image_size,
                                          quiet)
     counts["test"] = write_class_folder(world / "test", classes, cfg.test_per_class, cfg.seed + 1000,
@@ -63,14 +65,18 @@ def run_demo(cfg: DemoConfig, out: Path, *, pretrained: Path | None = None, quie
     t_start = time.perf_counter()
     runs = out / "runs"
 
-    log.info("1/5 world: %d classes, %d pre-training images per class", cfg.num_classes, cfg.pretrain_per_class)
-    counts = runner.timed("world", build_world, cfg, out, quiet)
+    log.info("1/5 world: %d classes, %s pre-training images per class", cfg.num_classes,
+             " + ".join(str(s.per_class) for s in cfg.stages))
+    counts = runner.timed("world", build_world, cfg, out, quiet, pretrained is None)
 
     if pretrained is None:
-        log.info("2/5 pre-training %s with open_clip's trainer (%d epochs)", cfg.model, cfg.pretrain_epochs)
-        _fresh(runs / "pretrain")
-        runner.run("pretrain", pretrain_argv(cfg, out / "world" / "pretrain.csv", runs, threads))
-        pretrained = checkpoint_of(runs, "pretrain")
+        for stage in cfg.stages:
+            log.info("2/5 pre-training %s with open_clip's trainer: stage %r (%d epochs)", cfg.model, stage.name,
+                     stage.epochs)
+            _fresh(runs / f"pretrain-{stage.name}")
+            runner.run(f"pretrain-{stage.name}", pretrain_argv(cfg, stage, out / "world" / f"pretrain-{stage.name}.csv",
+                                                               runs, pretrained))
+            pretrained = checkpoint_of(runs, f"pretrain-{stage.name}")
 
     log.info("3/5 typographic shards and the attacked test set")
     _fresh(out / "shards"), _fresh(out / "world" / "test_attacked")

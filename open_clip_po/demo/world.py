@@ -123,10 +123,14 @@ def _shape_points(shape: str, cx: float, cy: float, r: float, rot: float) -> lis
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def draw_object(img: Image.Image, cls: WorldClass, rng: np.random.Generator) -> Image.Image:
+OBJECT_RADIUS = (0.17, 0.26)  # as a fraction of the image side
+
+
+def draw_object(img: Image.Image, cls: WorldClass, rng: np.random.Generator,
+                radius: tuple[float, float] = OBJECT_RADIUS) -> Image.Image:
     """Draw the class's object (its shape in its colour, jittered) at a random place; returns the image."""
     size = img.size[0]
-    r = rng.uniform(0.17, 0.26) * size
+    r = rng.uniform(*radius) * size
     cx, cy = rng.uniform(r * 1.2, size - r * 1.2, 2)
     colour = tuple(int(np.clip(c + rng.normal(0, 12), 0, 255)) for c in OBJECT_COLOURS[cls.colour])
     draw = ImageDraw.Draw(img)
@@ -141,13 +145,13 @@ def draw_object(img: Image.Image, cls: WorldClass, rng: np.random.Generator) -> 
 
 
 def render(cls: WorldClass, kind: str, rng: np.random.Generator, size: int = 64,
-           style: TextStyle = PRETRAIN_TEXT) -> Image.Image:
+           style: TextStyle = PRETRAIN_TEXT, radius: tuple[float, float] = OBJECT_RADIUS) -> Image.Image:
     """One image of ``cls`` of the given kind (``object``, ``labelled`` or ``word``)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     img = Image.fromarray(_background(rng, size))
     if kind != "word":
-        draw_object(img, cls, rng)
+        draw_object(img, cls, rng, radius)
     if kind != "object":
         img, _ = write_word(img, cls.name, rng, style)
     return img

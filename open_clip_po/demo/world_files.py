@@ -25,30 +25,31 @@ def _save_png(img, path: Path) -> None:
 
 
 def write_pretrain_set(root: Path, classes: list[WorldClass], per_class: int, mix: tuple[float, float, float],
-                       seed: int, style: TextStyle, image_size: int = 64, quiet: bool = False) -> dict:
-    """``root/pretrain/*.png`` and ``root/pretrain.csv``; returns counts per kind."""
+                       seed: int, style: TextStyle, image_size: int = 64, quiet: bool = False,
+                       name: str = "pretrain") -> dict:
+    """``root/NAME/*.png`` and ``root/NAME.csv``; returns counts per kind."""
     if len(mix) != len(KINDS) or min(mix) < 0 or sum(mix) <= 0:
         raise ValueError(f"kind mix must be {len(KINDS)} non-negative weights, got {mix}")
-    rng = np.random.default_rng([seed, 1])
-    folder = root / "pretrain"
+    rng = np.random.default_rng([seed, 1, sum(map(ord, name))])
+    folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
     p = np.asarray(mix, dtype=float) / sum(mix)
     labels = np.repeat(np.arange(len(classes)), per_class)
     kinds = rng.choice(len(KINDS), size=len(labels), p=p)
     order = rng.permutation(len(labels))
     rows, counts = [], {k: 0 for k in KINDS}
-    for i in tqdm(order, desc="world: pre-training images", disable=quiet):
+    for i in tqdm(order, desc=f"world: {name} images", disable=quiet):
         cls, kind = classes[labels[i]], KINDS[kinds[i]]
         path = folder / f"{i:06d}_{cls.name}_{kind}.png"
         _save_png(render(cls, kind, rng, image_size, style), path)
         rows.append((str(path.resolve()), caption(cls, kind, rng)))
         counts[kind] += 1
-    tmp = root / ".pretrain.csv.tmp"
+    tmp = root / f".{name}.csv.tmp"
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_MINIMAL)
         writer.writerow(["filepath", "title"])
         writer.writerows(rows)
-    os.replace(tmp, root / "pretrain.csv")
+    os.replace(tmp, root / f"{name}.csv")
     return counts
 
 
@@ -84,7 +85,8 @@ def examples_grid(world: Path, path: Path, per_row: int = 10, zoom: int = 2) -> 
     """A PNG of example images: one row per pre-training kind, then attacked test images."""
     from PIL import Image
 
-    rows = [sorted((world / "pretrain").glob(f"*_{kind}.png"))[:per_row] for kind in KINDS]
+    rows = [sorted(world.glob(f"pretrain-*/*_{kind}.png"))[:per_row] for kind in KINDS]
+    rows = [row for row in rows if row]  # no pre-training images when starting from a given checkpoint
     rows.append(sorted((world / "test_attacked").rglob("*.png"))[::max(1, len(list((world / "test_attacked")
                                                                                    .rglob("*.png"))) // per_row)]
                 [:per_row])
