@@ -39,15 +39,27 @@ def test_attack_writes_a_wrong_class_uniformly_and_changes_only_some_pixels():
     assert len(seen) == 6 * 5  # every wrong class occurs for every true class
 
 
-def test_word_images_carry_the_word_and_no_object():
-    cls = world_classes(6)[0]
-    a = np.asarray(render(cls, "word", np.random.default_rng(3)))
-    b = np.asarray(render(cls, "object", np.random.default_rng(3)))
-    # same background draw; the object kind differs where the object is, the word kind where the text is
-    assert a.shape == b.shape == (64, 64, 3)
-    assert not np.array_equal(a, b)
+def _has_colour(img, rgb, tol=60):
+    return (np.abs(np.asarray(img, dtype=int) - np.asarray(rgb)).sum(-1) < tol).sum()
+
+
+def test_kinds_draw_the_right_object_and_word():
+    from open_clip_po.demo.world import OBJECT_COLOURS
+    classes = world_classes(6)
+    red, green = classes[0], world_classes(12)[6]  # red circle, green circle
+    assert (red.colour, green.colour) == ("red", "green")
+    n_obj = lambda img, c: _has_colour(img, OBJECT_COLOURS[c.colour])
+    for seed in range(5):
+        obj = render(red, "object", np.random.default_rng(seed))
+        word = render(red, "word", np.random.default_rng(seed))
+        sign = render(red, "sign", np.random.default_rng(seed), distractor=green)
+        assert n_obj(obj, red) > 100            # the object is there ...
+        assert n_obj(word, red) < n_obj(obj, red) / 4   # ... and absent from a word-only image
+        assert n_obj(sign, green) > 100 and n_obj(sign, green) > n_obj(sign, red)  # a sign shows the distractor
+    with pytest.raises(ValueError, match="distractor"):
+        render(red, "sign", np.random.default_rng(0))
     with pytest.raises(ValueError, match="kind"):
-        render(cls, "photo", np.random.default_rng(0))
+        render(red, "photo", np.random.default_rng(0))
 
 
 def test_text_size_is_relative_to_the_image_and_inside_it():
@@ -59,18 +71,22 @@ def test_text_size_is_relative_to_the_image_and_inside_it():
 
 
 def test_captions_name_the_class():
+    import re
     rng = np.random.default_rng(0)
-    for cls in world_classes(6):
+    for cls in world_classes(24):
         for kind in KINDS:
-            assert cls.name in caption(cls, kind, rng).split(" ")[-1] or f" {cls.name}" in caption(cls, kind, rng)
+            for _ in range(10):
+                text = caption(cls, kind, rng)
+                assert cls.name in re.findall(r"[a-z]+", text), text
+                assert not {c.name for c in world_classes(24)} - {cls.name} & set(re.findall(r"[a-z]+", text))
 
 
 def test_world_files(tmp_path):
     classes = world_classes(4)
-    counts = write_pretrain_set(tmp_path, classes, 10, (1, 1, 1), 0, TextStyle())
-    assert sum(counts.values()) == 40 and min(counts.values()) > 0
+    counts = write_pretrain_set(tmp_path, classes, 20, (1, 1, 1, 1), 0, TextStyle())
+    assert sum(counts.values()) == 80 and min(counts.values()) > 0
     lines = (tmp_path / "pretrain.csv").read_text().splitlines()
-    assert lines[0] == "filepath\ttitle" and len(lines) == 41
+    assert lines[0] == "filepath\ttitle" and len(lines) == 81
     path, title = lines[1].split("\t")
     assert Image.open(path).size == (64, 64) and title
     assert write_class_folder(tmp_path / "test", classes, 3, 0) == 12

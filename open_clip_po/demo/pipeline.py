@@ -39,7 +39,7 @@ class Stage:
     model otherwise settles on the easier colour-and-shape cue), then the whole world."""
     name: str
     per_class: int
-    mix: tuple[float, float, float]   # object, labelled, word
+    mix: tuple[float, float, float, float]   # object, labelled, word, sign
     epochs: int
 
 
@@ -48,7 +48,8 @@ class DemoConfig:
     model: str = "po-small"
     num_classes: int = 24
     image_size: int = 64
-    stages: tuple[Stage, ...] = (Stage("read", 500, (0.0, 0.2, 0.8), 4), Stage("see", 500, (0.3, 0.35, 0.35), 3))
+    stages: tuple[Stage, ...] = (Stage("read", 500, (0.0, 0.2, 0.5, 0.3), 4),
+                                 Stage("see", 500, (0.3, 0.3, 0.2, 0.2), 3))
     train_per_class: int = 40                                     # clean images → PO triplets + D_reg
     test_per_class: int = 25
     text_size_224: tuple[int, int] = (64, 84)                     # font size at 224 px, as the builder's --font-size
@@ -88,8 +89,8 @@ def full_config() -> DemoConfig:
 
 
 def quick_config() -> DemoConfig:
-    return dataclasses.replace(DemoConfig(), stages=(Stage("read", 300, (0.0, 0.2, 0.8), 3),
-                                                     Stage("see", 300, (0.4, 0.3, 0.3), 3)), train_per_class=20,
+    return dataclasses.replace(DemoConfig(), stages=(Stage("read", 300, (0.0, 0.2, 0.5, 0.3), 3),
+                                                     Stage("see", 300, (0.3, 0.3, 0.2, 0.2), 3)), train_per_class=20,
                                test_per_class=12, po_epochs=2, methods=default_methods(quick=True))
 
 

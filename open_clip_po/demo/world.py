@@ -1,11 +1,13 @@
 """A small synthetic image world in which a CLIP learns both to see objects and to read words.
 
 Each class is a coloured shape (shape × colour) with a short single-word name ("fox", "wolf", ...). A pre-training
-image is one of three kinds, as on the web:
+image is one of four kinds, as on the web:
 
 - ``object``: the object on a varied background,
 - ``labelled``: the object with its class name written on the image,
-- ``word``: only the class name written on a background (the text is the only cue, so reading pays off).
+- ``word``: only the class name written on a background (the text is the only cue, so reading pays off),
+- ``sign``: the class name written beside an object of another class, captioned by what is written (a photo of
+  a sign: web captions often transcribe the text in a picture, which is where CLIP's habit of reading comes from).
 
 The attack (``attack``) writes a *wrong* class name the same way, in the Defense-Prefix style (wrong class drawn
 uniformly, fill and stroke colours from eight colours with fill ≠ stroke, stroke width 1, uniform position, shrunk
@@ -37,7 +39,7 @@ CLASS_WORDS = (
     "frog", "bear", "duck", "lion", "wolf", "crab", "moth", "seal", "goat", "mole", "deer", "swan",
 )
 FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
-KINDS = ("object", "labelled", "word")
+KINDS = ("object", "labelled", "word", "sign")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,13 +147,20 @@ def draw_object(img: Image.Image, cls: WorldClass, rng: np.random.Generator,
 
 
 def render(cls: WorldClass, kind: str, rng: np.random.Generator, size: int = 64,
-           style: TextStyle = PRETRAIN_TEXT, radius: tuple[float, float] = OBJECT_RADIUS) -> Image.Image:
-    """One image of ``cls`` of the given kind (``object``, ``labelled`` or ``word``)."""
+           style: TextStyle = PRETRAIN_TEXT, radius: tuple[float, float] = OBJECT_RADIUS,
+           distractor: WorldClass | None = None) -> Image.Image:
+    """One image of ``cls`` of the given kind: ``object``, ``labelled`` (object and its name), ``word`` (the name
+    only) or ``sign`` (the name written next to an unrelated ``distractor`` object, as a photo of a sign in a
+    street: the caption is about what is written)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind == "sign" and (distractor is None or distractor == cls):
+        raise ValueError("a sign image needs a distractor object of another class")
     img = Image.fromarray(_background(rng, size))
-    if kind != "word":
+    if kind in ("object", "labelled"):
         draw_object(img, cls, rng, radius)
+    elif kind == "sign":
+        draw_object(img, distractor, rng, radius)
     if kind != "object":
         img, _ = write_word(img, cls.name, rng, style)
     return img
@@ -175,6 +184,8 @@ CAPTION_TEMPLATES = {
                  "a {name} on a {bg} background."),
     "word": ("a photo of a {name}.", "the word {name}.", "a sign that says {name}.", "{name} written on a {bg} wall.",
              "a picture of the word {name}.", "a {name}."),
+    "sign": ("a photo of a {name}.", "a sign that says {name}.", "the word {name}.", "a {name} sign.",
+             "a picture of a {name}."),
 }
 
 

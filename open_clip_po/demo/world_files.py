@@ -24,7 +24,7 @@ def _save_png(img, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_pretrain_set(root: Path, classes: list[WorldClass], per_class: int, mix: tuple[float, float, float],
+def write_pretrain_set(root: Path, classes: list[WorldClass], per_class: int, mix: tuple[float, ...],
                        seed: int, style: TextStyle, image_size: int = 64, quiet: bool = False,
                        name: str = "pretrain") -> dict:
     """``root/NAME/*.png`` and ``root/NAME.csv``; returns counts per kind."""
@@ -41,7 +41,11 @@ def write_pretrain_set(root: Path, classes: list[WorldClass], per_class: int, mi
     for i in tqdm(order, desc=f"world: {name} images", disable=quiet):
         cls, kind = classes[labels[i]], KINDS[kinds[i]]
         path = folder / f"{i:06d}_{cls.name}_{kind}.png"
-        _save_png(render(cls, kind, rng, image_size, style), path)
+        distractor = None
+        if kind == "sign":
+            other = int(rng.integers(len(classes) - 1))
+            distractor = classes[other + (other >= labels[i])]
+        _save_png(render(cls, kind, rng, image_size, style, distractor=distractor), path)
         rows.append((str(path.resolve()), caption(cls, kind, rng)))
         counts[kind] += 1
     tmp = root / f".{name}.csv.tmp"
