@@ -52,7 +52,16 @@ class POCriterion(nn.Module):
 
     # --- features -------------------------------------------------------------------------------------------
     def _features(self, model, images, texts):
-        """(policy image, policy text, policy scale, ref image, ref text, ref scale); ref parts are detached."""
+        """(policy image, policy text, policy scale, ref image, ref text, ref scale); ref parts are detached.
+
+        Captions repeat within a batch (class templates: y_w of one image is y_l of another), so each distinct
+        caption is encoded once and its features shared by index — exact, gradients included.
+        """
+        unique, inverse = torch.unique(texts, dim=0, return_inverse=True)
+        p_img, p_txt, p_scale, r_img, r_txt, r_scale = self._features_of_unique(model, images, unique)
+        return p_img, p_txt[inverse], p_scale, r_img, r_txt[inverse], r_scale
+
+    def _features_of_unique(self, model, images, texts):
         core = getattr(model, "module", model)
         if has_linear_head(core) and self.reference.is_base_of_head:
             # Linear-head mode: one frozen backbone pass serves both; only W sees gradients.

@@ -105,3 +105,32 @@ def test_captions_outside_the_class_prompts_are_a_clear_error(tiny_model, batch,
     with pytest.raises(ValueError, match=r"5 y_l caption\(s\) in the batch are not one of the class prompts"):
         crit(tiny_model, b)
     torch.testing.assert_close(match_prompts(prompts[[2, 0]], prompts, "y_w"), torch.tensor([2, 0]))
+
+
+def test_repeated_captions_are_encoded_once_with_the_same_loss_and_gradients(tiny_model, batch):
+    from open_clip_po.losses import pair_logps
+
+    b, _ = batch  # 5 y_w and 5 y_l drawn from 4 prompts: captions repeat
+    policy, ref_model = perturbed(tiny_model), copy.deepcopy(tiny_model).eval()
+    seen = []
+    policy.encode_text = (lambda real: (lambda text, normalize=False: seen.append(text.shape[0])
+                                         or real(text, normalize=normalize)))(policy.encode_text)
+    crit = POCriterion(get_loss("dpo"), Reference(ref_model), POSettings(reg_lambda=0.0))
+    crit(policy, b)["loss"].backward()
+    assert seen == [4]  # 10 captions, 4 distinct
+    grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+
+    # by hand, every caption encoded
+    policy.zero_grad()
+    del policy.encode_text
+    texts = torch.cat([b["chosen"], b["rejected"]])
+    out = policy(b["images"], texts)
+    with torch.no_grad():
+        ref = ref_model(b["images"], texts)
+    pc, pr, _ = pair_logps(out["image_features"], out["text_features"][:5], out["text_features"][5:],
+                           out["logit_scale"])
+    rc, rr, _ = pair_logps(ref["image_features"], ref["text_features"][:5], ref["text_features"][5:],
+                           ref["logit_scale"])
+    get_loss("dpo")(pc, pr, rc, rr)["loss"].backward()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, dict(policy.named_parameters())[name].grad, rtol=1e-4, atol=1e-6)
