@@ -114,6 +114,10 @@ def validate(args) -> None:
         raise UsageError("--po-max-bad-steps must be >= 1")
     if args.po_eval_typographic and not args.po_eval_images:
         raise UsageError("--po-eval-typographic needs --po-eval-images (the clean set and its class names)")
+    for flag in ("po_eval_images", "po_eval_typographic", "po_classnames"):
+        path = getattr(args, flag)
+        if path and not os.path.exists(path):  # found now, not after the first epoch
+            raise UsageError(f"--{flag.replace('_', '-')} {path}: no such file or directory")
     if args.po_eval_weights == "average" and args.po_average == "none":
         raise UsageError("--po-eval-weights average needs --po-average bma|ema")
     try:

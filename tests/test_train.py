@@ -265,6 +265,7 @@ def test_bad_flag_combinations_are_one_line_errors(toy, tmp_path):
         (["--po-loss", "dpo", "--po-linear-head", "--ref-model", "po-tiny"], "--po-linear-head uses the frozen"),
         (["--po-loss", "dpo", "--po-desirable-weight", "2"], "desirable_weight"),
         (["--po-loss", "dpo", "--po-eval-weights", "average"], "--po-eval-weights average needs --po-average"),
+        (["--po-loss", "dpo", "--po-eval-images", str(tmp_path / "nowhere")], "no such file or directory"),
     ]
     for extra, message in cases:
         with pytest.raises(SystemExit) as exc:
