@@ -219,8 +219,8 @@ class ShardDataset(IterableDataset):
 
         # Decode by hand so a bad sample is counted rather than swallowed by a handler.
         # Every caller reads every shard: evaluation runs on one rank, even inside a distributed job.
-        pipeline = wds.WebDataset(self.urls, shardshuffle=False, empty_check=False,
-                                  nodesplitter=lambda urls: urls, workersplitter=wds.split_by_worker)
+        # Built from webdataset's stages (same API in 0.2.x and 1.x): all shards, split by worker only.
+        pipeline = wds.DataPipeline(wds.SimpleShardList(self.urls), wds.split_by_worker, wds.tarfile_to_samples())
         for sample in pipeline:
             if "__key__" not in sample:   # webdataset's end-of-shard marker, not a sample
                 continue
