@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "checkpoints/epoch_N.pt of an earlier run)")
     p.add_argument("--pretrain-only", action="store_true",
                    help="stop after pre-training: report the pre-trained model's vulnerability only")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated subset of the fine-tuning runs, e.g. dpo,dpo-head,ce (default: all of "
+                        "dpo, dpo-head, ipo, ipo-head, kto, kto-head, ce, ce-head; --quick: dpo, dpo-head, ce)")
     p.add_argument("--seed", type=int, default=0, help="seed of the world and of every run (default: 0)")
     p.add_argument("--threads", type=int, default=None,
                    help="OMP_NUM_THREADS for the subprocesses (default: the environment's)")
@@ -43,13 +46,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("open_clip_po.demo").setLevel(logging.INFO)  # our stages; open_clip's chatter stays quiet
     import dataclasses
 
     from .run import run_demo
 
     cfg = quick_config() if args.quick else full_config()
     cfg = dataclasses.replace(cfg, seed=args.seed)
+    if args.methods is not None:
+        wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+        known = {m.slug: m for m in full_config().methods}
+        unknown = [m for m in wanted if m not in known]
+        if unknown:
+            print(f"open_clip_po.demo: error: unknown --methods {', '.join(unknown)} (known: {', '.join(known)})",
+                  file=sys.stderr)
+            return 2
+        cfg = dataclasses.replace(cfg, methods=tuple(known[m] for m in wanted))
     if args.pretrain_only:
         cfg = dataclasses.replace(cfg, methods=())
     pretrained = None

@@ -30,6 +30,11 @@ class Method:
     head: bool = False
     flags: tuple[str, ...] = ()
 
+    @property
+    def slug(self) -> str:
+        """The run's name on disk and on the command line: ``dpo``, ``dpo-head``, ..."""
+        return self.name.lower().replace(" + ", "-").replace(" ", "-")
+
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
@@ -49,13 +54,14 @@ class DemoConfig:
     num_classes: int = 24
     image_size: int = 64
     stages: tuple[Stage, ...] = (Stage("read", 500, (0.0, 0.2, 0.5, 0.3), 4),
-                                 Stage("see", 500, (0.3, 0.3, 0.2, 0.2), 3))
+                                 Stage("see", 500, (0.35, 0.25, 0.15, 0.25), 6))
     train_per_class: int = 40                                     # clean images → PO triplets + D_reg
     test_per_class: int = 25
     text_size_224: tuple[int, int] = (64, 84)                     # font size at 224 px, as the builder's --font-size
     pretrain_batch_size: int = 128
-    pretrain_lr: float = 1e-3
+    pretrain_lr: float = 2e-3
     pretrain_warmup: int = 50
+    po_attacks_per_image: int = 2                                 # triplets per clean training image
     po_epochs: int = 3
     po_batch_size: int = 32
     po_procs: int = 2
@@ -64,7 +70,7 @@ class DemoConfig:
     seed: int = 0
 
 
-FULL_LR, HEAD_LR = "1e-4", "1e-2"
+FULL_LR, HEAD_LR = "3e-4", "3e-2"
 
 
 def default_methods(quick: bool) -> tuple[Method, ...]:
@@ -89,8 +95,9 @@ def full_config() -> DemoConfig:
 
 
 def quick_config() -> DemoConfig:
-    return dataclasses.replace(DemoConfig(), stages=(Stage("read", 300, (0.0, 0.2, 0.5, 0.3), 3),
-                                                     Stage("see", 300, (0.3, 0.3, 0.2, 0.2), 3)), train_per_class=20,
+    return dataclasses.replace(DemoConfig(), num_classes=12,
+                               stages=(Stage("read", 300, (0.0, 0.2, 0.5, 0.3), 4),
+                                       Stage("see", 300, (0.35, 0.25, 0.15, 0.25), 4)), train_per_class=20,
                                test_per_class=12, po_epochs=2, methods=default_methods(quick=True))
 
 

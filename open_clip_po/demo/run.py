@@ -48,6 +48,7 @@ def typographic_argv(cfg: DemoConfig, out: Path) -> list[str]:
     font = FONT_DIR / "DejaVuSans-Bold.ttf"
     argv = [sys.executable, "-m", "open_clip_po.data.typographic", "--images", str(world / "train"),
             "--out", str(out / "shards"), "--image-size", str(cfg.image_size), "--template", TEMPLATE,
+            "--per-image", str(cfg.po_attacks_per_image),
             "--font-size", *map(str, cfg.text_size_224), "--image-format", "png", "--seed", str(cfg.seed),
             "--eval-out", str(world / "test_attacked"), "--eval-images", str(world / "test"), "--quiet",
             # two shards per rank: every (rank, loader worker) reader needs its own shard
@@ -94,7 +95,7 @@ def run_demo(cfg: DemoConfig, out: Path, *, pretrained: Path | None = None, quie
 
     log.info("4/5 fine-tuning: %s", ", ".join(m.name for m in cfg.methods))
     for method in cfg.methods:
-        name = method.name.lower().replace(" + ", "-").replace(" ", "-")
+        name = method.slug
         _fresh(runs / name)
         try:
             runner.run(f"finetune-{name}", finetune_argv(cfg, method, pretrained, out / "shards", runs, name))
