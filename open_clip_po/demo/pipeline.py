@@ -62,7 +62,7 @@ class DemoConfig:
     pretrain_lr: float = 2e-3
     pretrain_warmup: int = 50
     po_attacks_per_image: int = 2                                 # triplets per clean training image
-    po_epochs: int = 3
+    po_epochs: int = 4
     po_batch_size: int = 32
     po_procs: int = 2
     methods: tuple[Method, ...] = ()
@@ -70,21 +70,26 @@ class DemoConfig:
     seed: int = 0
 
 
-FULL_LR, HEAD_LR = "3e-4", "3e-2"
+HEAD_LR = "3e-2"
 
 
 def default_methods(quick: bool) -> tuple[Method, ...]:
-    """DPO, IPO, KTO and the CE baseline, each as a full fine-tune and as a linear head (quick: DPO and CE)."""
-    hp = {  # the paper's β/λ per objective (Sec. 4)
+    """DPO, IPO, KTO and the CE baseline, each as a full fine-tune and as a linear head (quick: DPO and CE).
+
+    β and λ are the paper's (Sec. 4). Learning rates were tuned on this world: DPO's gradient fades as its
+    margin grows, so it takes a larger step than IPO and KTO, whose stronger pull costs clean accuracy at 1e-3;
+    CE, the baseline, gets the IPO/KTO rate."""
+    hp = {
         "dpo": ("--po-beta", "1", "--po-reg-lambda", "1"),
         "ipo": ("--po-beta", "0.01", "--po-reg-lambda", "0.01"),
         "kto": ("--po-beta", "1.5", "--po-reg-lambda", "0.01"),
         "ce": ("--po-reg-lambda", "0"),
     }
+    full_lr = {"dpo": "1e-3", "ipo": "3e-4", "kto": "3e-4", "ce": "3e-4"}
     losses = ("dpo", "ce") if quick else ("dpo", "ipo", "kto", "ce")
     out = []
     for loss in losses:
-        out.append(Method(loss.upper(), loss, False, hp[loss] + ("--lr", FULL_LR)))
+        out.append(Method(loss.upper(), loss, False, hp[loss] + ("--lr", full_lr[loss])))
         if not quick or loss == "dpo":
             out.append(Method(loss.upper() + " + head", loss, True, hp[loss] + ("--lr", HEAD_LR)))
     return tuple(out)
@@ -98,7 +103,7 @@ def quick_config() -> DemoConfig:
     return dataclasses.replace(DemoConfig(), num_classes=12,
                                stages=(Stage("read", 300, (0.0, 0.2, 0.5, 0.3), 4),
                                        Stage("see", 300, (0.35, 0.25, 0.15, 0.25), 4)), train_per_class=20,
-                               test_per_class=12, po_epochs=2, methods=default_methods(quick=True))
+                               test_per_class=12, po_epochs=3, methods=default_methods(quick=True))
 
 
 class StageError(RuntimeError):
