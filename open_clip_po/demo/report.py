@@ -130,7 +130,8 @@ def write_report(out: Path, *, cfg: dict, counts: dict, rows: list[dict], sweep:
         lines += ["", f"t-sweep of the {sweep['method']} model (W_t = UΣ^tVᵀ; t = 0 is the pre-trained model, "
                       "t = 1 the trained head, t < 0 reverses it):", "", "![t-sweep](eval/sweep.png)"]
     if (out / "world_examples.png").exists():
-        lines += ["", "The world (rows: objects, labelled objects, words only, attacked test images):", "",
+        lines += ["", "The world (rows: objects, labelled objects, words only, signs — a word beside another object, "
+                      "captioned by the word — and attacked test images):", "",
                   "![examples](world_examples.png)"]
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()),
               "", "Every command that ran is in `commands.txt`, its output in `logs/`."]

@@ -89,11 +89,13 @@ def examples_grid(world: Path, path: Path, per_row: int = 10, zoom: int = 2) -> 
     """A PNG of example images: one row per pre-training kind, then attacked test images."""
     from PIL import Image
 
-    rows = [sorted(world.glob(f"pretrain-*/*_{kind}.png"))[:per_row] for kind in KINDS]
+    def spread(paths):  # evenly across the sorted files, i.e. across classes
+        paths = sorted(paths)
+        return paths[::max(1, len(paths) // per_row)][:per_row]
+
+    rows = [spread(world.glob(f"pretrain-*/*_{kind}.png")) for kind in KINDS]
+    rows.append(spread((world / "test_attacked").rglob("*.png")))
     rows = [row for row in rows if row]  # no pre-training images when starting from a given checkpoint
-    rows.append(sorted((world / "test_attacked").rglob("*.png"))[::max(1, len(list((world / "test_attacked")
-                                                                                   .rglob("*.png"))) // per_row)]
-                [:per_row])
     first = Image.open(next(p for row in rows for p in row))
     side = first.size[0] * zoom
     grid = Image.new("RGB", (side * per_row, side * len(rows)), "white")
