@@ -177,6 +177,11 @@ class POSession:
         return self.args
 
     def create_model_and_transforms(self, *a, **kw):
+        # open_clip's setup_logging (just run) set every logger to INFO; torch's then print compile
+        # statistics at exit even when nothing was compiled
+        for name in logging.root.manager.loggerDict:
+            if name.startswith(("torch._dynamo", "torch._subclasses", "torch._inductor")):
+                logging.getLogger(name).setLevel(logging.WARNING)
         model, preprocess_train, preprocess_val = self.orig["create_model_and_transforms"](*a, **kw)
         if self.model is not None:
             return model, preprocess_train, preprocess_val
@@ -408,9 +413,6 @@ def main(argv=None) -> int:
         po_argument_parser().print_help()
         print("\nAll open_clip_train flags are accepted as well (python -m open_clip_train.main --help).")
         return 0
-    for name in ("torch._dynamo", "torch._subclasses"):
-        # open_clip sets the root logger to INFO; these print compile statistics at exit even when nothing compiled
-        logging.getLogger(name).setLevel(logging.WARNING)
     with patched_open_clip_train():
         try:
             status = ocm.main(argv)
