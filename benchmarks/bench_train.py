@@ -15,10 +15,10 @@ import subprocess
 import sys
 import time
 
-MODEL, BATCH = "ViT-B-32", 16  # a real architecture (random weights, nothing downloaded)
+MODEL, BATCH = "ViT-B-32", 8  # a real architecture (random weights, nothing downloaded)
 QUICK_MODEL = "po-tiny"
 CLASSES = 10  # e.g. a 10-class typographic set: y_w / y_l are "a photo of a {class}."
-MEMORY_BATCH = 64  # large enough that activations, not model set-up, set the peak
+MEMORY_BATCH = 32  # large enough that activations, not model set-up, set the peak
 
 
 def _setup(mode: str, batch: int = BATCH, model_name: str = MODEL, class_captions: int = 0):
@@ -108,7 +108,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
 
 
 def run(quick: bool = False) -> list[dict]:
-    repeats, model_name = (3, QUICK_MODEL) if quick else (7, MODEL)
+    repeats, model_name = (3, QUICK_MODEL) if quick else (5, MODEL)
     rows = []
     goals = {"full": 1.35, "lock_text": 1.25, "head": 1.10}
     labels = {"full": "PO step / CLIP step, full fine-tune",

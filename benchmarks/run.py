@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="*", default=None, help="bench_NAME modules to run")
     parser.add_argument("--out", default=str(HERE.parent / "BENCHMARKS.md"))
     args = parser.parse_args(argv)
+    import torch
 
     files = sorted(HERE.glob("bench_*.py"))
     if args.only:
@@ -58,12 +59,15 @@ def main(argv=None) -> int:
     sections = []
     for path in files:
         print(f"== {path.stem}", flush=True)
+        threads = torch.get_num_threads()
         try:
             rows = load(path).run(quick=args.quick)
         except Exception:  # a broken benchmark is reported, the others still run
             traceback.print_exc()
             rows = [{"name": path.stem, "value": None, "unit": "", "goal": "", "met": None,
                      "details": "FAILED: " + traceback.format_exc().strip().splitlines()[-1]}]
+        finally:
+            torch.set_num_threads(threads)  # a benchmark that pins threads must not slow the next one
         for row in rows:
             print(json.dumps(row, default=str), flush=True)
         sections.append((path.stem, rows))
