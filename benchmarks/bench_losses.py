@@ -7,18 +7,7 @@
 """
 from __future__ import annotations
 
-import statistics
-import time
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from _timing import median_seconds
 
 
 def _features(batch: int, dim: int, dtype):
@@ -67,10 +56,10 @@ def run(quick: bool) -> list[dict]:
         clip_loss(img, txt, scale).backward()
 
     rows = []
-    t_clip = _median_seconds(clip_step, repeats)
+    t_clip = median_seconds(clip_step, repeats)
     objectives = {name: get_loss(name) for name in ("dpo", "kto")}
     for name, loss_fn in objectives.items():
-        t_po = _median_seconds(lambda: _po_step(policy, ref, scale, loss_fn), repeats)
+        t_po = median_seconds(lambda: _po_step(policy, ref, scale, loss_fn), repeats)
         rows.append({
             "name": f"{name} + KL regulariser step / ClipLoss step (features given)",
             "value": t_po / t_clip, "unit": "x", "goal": "<= 6", "met": t_po / t_clip <= 6,

@@ -13,7 +13,8 @@ import json
 import statistics
 import subprocess
 import sys
-import time
+
+from _timing import median_seconds
 
 MODEL, BATCH = "ViT-B-32", 8  # a real architecture (random weights, nothing downloaded)
 QUICK_MODEL = "po-tiny"
@@ -72,22 +73,12 @@ def _setup(mode: str, batch: int = BATCH, model_name: str = MODEL, class_caption
     return po_step, (frozen_forward if mode == "head" else clip_step)
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _interleaved(a, b, repeats):
     """Alternate the two so that load from elsewhere on the machine hits both alike."""
     ta, tb = [], []
     for _ in range(repeats):
-        ta.append(_median_time(a, 1))
-        tb.append(_median_time(b, 1))
+        ta.append(median_seconds(a, 1))
+        tb.append(median_seconds(b, 1))
     return statistics.median(ta), statistics.median(tb)
 
 
