@@ -46,7 +46,7 @@ def _has_colour(img, rgb, tol=60):
 def test_kinds_draw_the_right_object_and_word():
     from open_clip_po.demo.world import OBJECT_COLOURS
     classes = world_classes(6)
-    red, green = classes[0], world_classes(12)[6]  # red circle, green circle
+    red, green = classes[0], world_classes(12)[4]  # red circle, green circle
     assert (red.colour, green.colour) == ("red", "green")
     n_obj = lambda img, c: _has_colour(img, OBJECT_COLOURS[c.colour])
     for seed in range(5):
@@ -82,13 +82,21 @@ def test_captions_name_the_class():
 
 
 def test_world_files(tmp_path):
+    """The pre-training set is open_clip-readable shards: png + caption + json, counted in sizes.json."""
+    import webdataset as wds
     classes = world_classes(4)
-    counts = write_pretrain_set(tmp_path, classes, 20, (1, 1, 1, 1), 0, TextStyle())
+    counts = write_pretrain_set(tmp_path, classes, 20, (1, 1, 1, 1), 0, TextStyle(), num_shards=3)
     assert sum(counts.values()) == 80 and min(counts.values()) > 0
-    lines = (tmp_path / "pretrain.csv").read_text().splitlines()
-    assert lines[0] == "filepath\ttitle" and len(lines) == 81
-    path, title = lines[1].split("\t")
-    assert Image.open(path).size == (64, 64) and title
+    shards = sorted((tmp_path / "pretrain").glob("pretrain-*.tar"))
+    sizes = json.loads((tmp_path / "pretrain" / "sizes.json").read_text())
+    assert len(shards) == 3 and sum(sizes.values()) == 80 and set(sizes) == {p.name for p in shards}
+    samples = list(wds.WebDataset([str(p) for p in shards], shardshuffle=False).decode("pil"))
+    assert len(samples) == 80 and all(set(s) >= {"png", "txt", "json"} for s in samples)
+    kinds = {k: sum(s["json"]["kind"] == k for s in samples) for k in KINDS}
+    assert kinds == counts
+    for s in samples:
+        assert s["png"].size == (64, 64)
+        assert s["json"]["class"] in s["txt"]  # every caption names its class
     assert write_class_folder(tmp_path / "test", classes, 3, 0) == 12
     assert sorted(p.name for p in (tmp_path / "test").iterdir()) == sorted(c.name for c in classes)
     with pytest.raises(ValueError, match="mix"):

@@ -145,12 +145,12 @@ class Runner:
         return result
 
 
-def pretrain_argv(cfg: DemoConfig, stage: Stage, csv: Path, logs: Path, start: Path | None) -> list[str]:
-    """open_clip's own trainer on the world's captions (po-small is registered by importing open_clip_po)."""
+def pretrain_argv(cfg: DemoConfig, stage: Stage, shards: Path, logs: Path, start: Path | None) -> list[str]:
+    """open_clip's own trainer on the world's caption shards (po-small is registered by importing open_clip_po;
+    the sample count comes from the shards' ``sizes.json``, as open_clip reads it)."""
     boot = "import sys, open_clip_po; from open_clip_train.main import main; main(sys.argv[1:])"
     return [sys.executable, "-c", boot,
-            "--model", cfg.model, "--train-data", str(csv), "--dataset-type", "csv",
-            "--csv-separator", "\t", "--csv-img-key", "filepath", "--csv-caption-key", "title",
+            "--model", cfg.model, "--train-data", shard_spec(shards, shards.name), "--dataset-type", "webdataset",
             "--batch-size", str(cfg.pretrain_batch_size), "--epochs", str(stage.epochs),
             "--lr", str(cfg.pretrain_lr), "--wd", "0.1", "--warmup", str(cfg.pretrain_warmup),
             "--workers", "1", "--precision", "fp32", "--seed", str(cfg.seed), "--log-every-n-steps", "20",

@@ -75,7 +75,7 @@ def run_demo(cfg: DemoConfig, out: Path, *, pretrained: Path | None = None, quie
             log.info("2/5 pre-training %s with open_clip's trainer: stage %r (%d epochs)", cfg.model, stage.name,
                      stage.epochs)
             _fresh(runs / f"pretrain-{stage.name}")
-            runner.run(f"pretrain-{stage.name}", pretrain_argv(cfg, stage, out / "world" / f"pretrain-{stage.name}.csv",
+            runner.run(f"pretrain-{stage.name}", pretrain_argv(cfg, stage, out / "world" / f"pretrain-{stage.name}",
                                                                runs, pretrained))
             pretrained = checkpoint_of(runs, f"pretrain-{stage.name}")
 

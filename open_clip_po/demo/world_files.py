@@ -1,19 +1,23 @@
-"""Write the demo world to disk: a captioned pre-training set (open_clip CSV) and clean class folders.
+"""Write the demo world to disk: captioned pre-training shards and clean class folders.
 
-- ``pretrain/`` images of all three kinds (object / labelled / word) listed in ``pretrain.csv`` (open_clip's
-  ``--dataset-type csv``: tab-separated ``filepath`` and ``title``),
+- ``pretrain-STAGE/`` WebDataset image-text shards of all four kinds (object / labelled / word / sign), read by
+  open_clip's trainer as ``--dataset-type webdataset`` (its sample count from our ``sizes.json``),
 - ``train/<class>/`` clean object images: input of the typographic builder (PO triplets and D_reg),
 - ``test/<class>/`` clean object images for evaluation (the builder's ``--eval-out`` attacks a copy).
 """
 from __future__ import annotations
 
-import csv
+import io
 import json
 import os
+import tarfile
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
+
+from open_clip_po.data.shards import META, TXT, ShardWriter, encode_image
 
 from .world import KINDS, TextStyle, WorldClass, caption, render
 
@@ -26,35 +30,46 @@ def _save_png(img, path: Path) -> None:
 
 def write_pretrain_set(root: Path, classes: list[WorldClass], per_class: int, mix: tuple[float, ...],
                        seed: int, style: TextStyle, image_size: int = 64, quiet: bool = False,
-                       name: str = "pretrain") -> dict:
-    """``root/NAME/*.png`` and ``root/NAME.csv``; returns counts per kind."""
+                       name: str = "pretrain", num_shards: int = 4) -> dict:
+    """Image-text shards ``root/NAME/NAME-00000k.tar`` (open_clip pairs: ``png`` + ``txt``, and ``json`` with the
+    class and the image kind) and ``sizes.json``, written with ``open_clip_po.data.shards.ShardWriter`` so
+    open_clip's trainer reads them with ``--dataset-type webdataset``; returns counts per kind."""
     if len(mix) != len(KINDS) or min(mix) < 0 or sum(mix) <= 0:
         raise ValueError(f"kind mix must be {len(KINDS)} non-negative weights, got {mix}")
     rng = np.random.default_rng([seed, 1, sum(map(ord, name))])
-    folder = root / name
-    folder.mkdir(parents=True, exist_ok=True)
     p = np.asarray(mix, dtype=float) / sum(mix)
     labels = np.repeat(np.arange(len(classes)), per_class)
     kinds = rng.choice(len(KINDS), size=len(labels), p=p)
-    order = rng.permutation(len(labels))
-    rows, counts = [], {k: 0 for k in KINDS}
-    for i in tqdm(order, desc=f"world: {name} images", disable=quiet):
-        cls, kind = classes[labels[i]], KINDS[kinds[i]]
-        path = folder / f"{i:06d}_{cls.name}_{kind}.png"
-        distractor = None
-        if kind == "sign":
-            other = int(rng.integers(len(classes) - 1))
-            distractor = classes[other + (other >= labels[i])]
-        _save_png(render(cls, kind, rng, image_size, style, distractor=distractor), path)
-        rows.append((str(path.resolve()), caption(cls, kind, rng)))
-        counts[kind] += 1
-    tmp = root / f".{name}.csv.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_MINIMAL)
-        writer.writerow(["filepath", "title"])
-        writer.writerows(rows)
-    os.replace(tmp, root / f"{name}.csv")
+    order = rng.permutation(len(labels))  # shards hold the classes mixed: open_clip's shuffle buffer is finite
+    counts = {k: 0 for k in KINDS}
+    with ShardWriter(root / name, name, max_count=-(-len(labels) // num_shards)) as writer:
+        for n, i in enumerate(tqdm(order, desc=f"world: {name} shards", disable=quiet)):
+            cls, kind = classes[labels[i]], KINDS[kinds[i]]
+            distractor = None
+            if kind == "sign":
+                other = int(rng.integers(len(classes) - 1))
+                distractor = classes[other + (other >= labels[i])]
+            img = render(cls, kind, rng, image_size, style, distractor=distractor)
+            writer.write(f"{n:06d}", {"png": encode_image(img, "png"),
+                                      TXT: caption(cls, kind, rng).encode("utf-8"),
+                                      META: json.dumps({"class": cls.name, "kind": kind}).encode("utf-8")})
+            counts[kind] += 1
     return counts
+
+
+def shard_examples(folders: list[Path], kind: str, n: int) -> list[Image.Image]:
+    """The first ``n`` images of one kind in pre-training shards (for the examples grid)."""
+    found = []
+    for shard in sorted(s for folder in folders for s in folder.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            members = {m.name: m for m in tar.getmembers()}
+            for key in sorted({name.split(".", 1)[0] for name in members}):
+                meta = json.loads(tar.extractfile(members[f"{key}.{META}"]).read())
+                if meta["kind"] == kind:
+                    found.append(Image.open(io.BytesIO(tar.extractfile(members[f"{key}.png"]).read())).convert("RGB"))
+                    if len(found) == n:
+                        return found
+    return found
 
 
 def write_class_folder(folder: Path, classes: list[WorldClass], per_class: int, seed: int, image_size: int = 64,
@@ -87,21 +102,19 @@ def write_world_json(path: Path, classes: list[WorldClass], counts: dict) -> Non
 
 def examples_grid(world: Path, path: Path, per_row: int = 10, zoom: int = 2) -> Path:
     """A PNG of example images: one row per pre-training kind, then attacked test images."""
-    from PIL import Image
-
     def spread(paths):  # evenly across the sorted files, i.e. across classes
         paths = sorted(paths)
-        return paths[::max(1, len(paths) // per_row)][:per_row]
+        return [Image.open(p).convert("RGB") for p in paths[::max(1, len(paths) // per_row)][:per_row]]
 
-    rows = [spread(world.glob(f"pretrain-*/*_{kind}.png")) for kind in KINDS]
+    stages = sorted(p for p in world.glob("pretrain-*") if p.is_dir())
+    rows = [shard_examples(stages, kind, per_row) for kind in KINDS]
     rows.append(spread((world / "test_attacked").rglob("*.png")))
     rows = [row for row in rows if row]  # no pre-training images when starting from a given checkpoint
-    first = Image.open(next(p for row in rows for p in row))
-    side = first.size[0] * zoom
+    side = rows[0][0].size[0] * zoom
     grid = Image.new("RGB", (side * per_row, side * len(rows)), "white")
     for r, row in enumerate(rows):
-        for c, p in enumerate(row):
-            grid.paste(Image.open(p).convert("RGB").resize((side, side), Image.NEAREST), (c * side, r * side))
+        for c, img in enumerate(row):
+            grid.paste(img.resize((side, side), Image.NEAREST), (c * side, r * side))
     tmp = path.with_name("." + path.name + ".tmp")
     grid.save(tmp, format="PNG")
     os.replace(tmp, path)
