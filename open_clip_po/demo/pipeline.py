@@ -7,6 +7,7 @@ save interpreter start-ups), so the demo exercises exactly what a user runs; the
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -16,6 +17,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from .world import TEXT_SIZE_224
 
 log = logging.getLogger("open_clip_po.demo")
 
@@ -56,13 +59,13 @@ class DemoConfig:
     stages: tuple[Stage, ...] = (Stage("read", 500, (0.0, 0.2, 0.5, 0.3), 4),
                                  Stage("see", 500, (0.35, 0.25, 0.15, 0.25), 6))
     train_per_class: int = 40                                     # clean images → PO triplets + D_reg
-    test_per_class: int = 25
-    text_size_224: tuple[int, int] = (64, 84)                     # font size at 224 px, as the builder's --font-size
+    test_per_class: int = 50                                      # 1200 test images: standard error ≤ 1.4 points
+    text_size_224: tuple[int, int] = TEXT_SIZE_224               # font size at 224 px, as the builder's --font-size
     pretrain_batch_size: int = 128
     pretrain_lr: float = 2e-3
     pretrain_warmup: int = 50
     po_attacks_per_image: int = 2                                 # triplets per clean training image
-    po_epochs: int = 4
+    po_epochs: int = 3
     po_batch_size: int = 32
     po_procs: int = 2
     methods: tuple[Method, ...] = ()
@@ -100,13 +103,14 @@ def full_config() -> DemoConfig:
 
 
 def quick_config() -> DemoConfig:
-    """For CI (< 3 min on 2 cores): 12 classes, a quarter of the pre-training, DPO (full, head) and CE. Too short
-    for the model to learn to read (its written-class rate stays near chance): it checks the pipeline, and that
-    DPO recovers some of what the attack costs, not the full demo's claim."""
-    return dataclasses.replace(DemoConfig(), num_classes=12,
-                               stages=(Stage("read", 300, (0.0, 0.2, 0.5, 0.3), 4),
-                                       Stage("see", 300, (0.35, 0.25, 0.15, 0.25), 4)), train_per_class=20,
-                               test_per_class=12, po_epochs=3, methods=default_methods(quick=True))
+    """For CI (< 3 min on 2 cores): 8 classes, larger text (reading starts sooner), a third of the pre-training,
+    DPO (full, head) and CE. The pre-trained model only starts to read (its written-class rate is near chance, the
+    attack costs it ~15 points, partly by hiding the object), so this checks the pipeline and that DPO recovers
+    attacked accuracy, not the full demo's claim."""
+    return dataclasses.replace(DemoConfig(), num_classes=8, text_size_224=(64, 84),
+                               stages=(Stage("read", 600, (0.0, 0.2, 0.5, 0.3), 4),
+                                       Stage("see", 400, (0.35, 0.25, 0.15, 0.25), 4)), train_per_class=40,
+                               test_per_class=25, po_epochs=4, methods=default_methods(quick=True))
 
 
 class StageError(RuntimeError):
@@ -137,6 +141,14 @@ class Runner:
             tail = (self.logs / f"{stage}.log").read_text(encoding="utf-8", errors="replace").strip().splitlines()
             raise StageError(f"stage {stage!r} failed (exit {proc.returncode}); see {self.logs / stage}.log: "
                              + (tail[-1] if tail else "no output"))
+
+    def eval(self, stage: str, argv: list[str]) -> None:
+        """``python -m open_clip_po.eval ARGV``, in this process, logged like the other stages."""
+        with open(self.out / "commands.txt", "a", encoding="utf-8") as f:
+            f.write(shlex.join([sys.executable, "-m", "open_clip_po.eval", *argv]) + "\n")
+        with open(self.logs / f"{stage}.log", "w", encoding="utf-8") as logf, \
+                contextlib.redirect_stdout(logf), contextlib.redirect_stderr(logf):
+            self.timed(stage, run_eval, argv)
 
     def timed(self, stage: str, fn, *args, **kwargs):
         t0 = time.perf_counter()

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from .pipeline import (DemoConfig, Runner, StageError, TEMPLATE, checkpoint_of, finetune_argv, pretrain_argv,
-                       read_metrics, run_eval, zeroshot_argv)
+                       read_metrics, zeroshot_argv)
 from .report import write_report
 from .world import FONT_DIR, TextStyle, world_classes
 from .world_files import (examples_grid, write_class_folder, write_classnames, write_pretrain_set, write_world_json)
@@ -88,7 +88,7 @@ def run_demo(cfg: DemoConfig, out: Path, *, pretrained: Path | None = None, quie
     evals = _fresh(out / "eval")
     evals.mkdir()
     rows = []
-    runner.timed("eval-pretrained", run_eval, zeroshot_argv(cfg, pretrained, test, attacked, evals / "pretrained.json"))
+    runner.eval("eval-pretrained", zeroshot_argv(cfg, pretrained, test, attacked, evals / "pretrained.json"))
     rows.append({"method": "pre-trained", "loss": None, "head": False, "checkpoint": str(pretrained),
                  **read_metrics(evals / "pretrained.json")})
     log.info("pre-trained: %s", _fmt(rows[-1]))
@@ -104,7 +104,7 @@ def run_demo(cfg: DemoConfig, out: Path, *, pretrained: Path | None = None, quie
             rows.append({"method": method.name, "loss": method.loss, "head": method.head, "error": str(e)})
             continue
         ckpt = checkpoint_of(runs, name)
-        runner.timed(f"eval-{name}", run_eval, zeroshot_argv(cfg, ckpt, test, attacked, evals / f"{name}.json"))
+        runner.eval(f"eval-{name}", zeroshot_argv(cfg, ckpt, test, attacked, evals / f"{name}.json"))
         rows.append({"method": method.name, "loss": method.loss, "head": method.head, "checkpoint": str(ckpt),
                      **read_metrics(evals / f"{name}.json")})
         log.info("%s: %s", method.name, _fmt(rows[-1]))
@@ -117,7 +117,7 @@ def run_demo(cfg: DemoConfig, out: Path, *, pretrained: Path | None = None, quie
                    "--workers", "0", "--output", str(evals / "kl.json")]
         for r in tuned:
             kl_argv += ["--label", r["method"]]
-        runner.timed("eval-kl", run_eval, kl_argv)
+        runner.eval("eval-kl", kl_argv)
         kl = json.loads((evals / "kl.json").read_text(encoding="utf-8"))["metrics"]
         for r in tuned:
             r["kl_to_ref"] = kl[r["method"]]["kl_mean"]
@@ -128,7 +128,7 @@ def run_demo(cfg: DemoConfig, out: Path, *, pretrained: Path | None = None, quie
         sweep_argv = ["sweep", "--model", cfg.model, "--pretrained", head_rows[0]["checkpoint"], "--images",
                       str(test), "--typographic", str(attacked), "--template", TEMPLATE, "--t", cfg.sweep_t,
                       "--workers", "0", "--output", str(evals / "sweep.json")]
-        runner.timed("eval-sweep", run_eval, sweep_argv)
+        runner.eval("eval-sweep", sweep_argv)
         sweep = {"method": head_rows[0]["method"], **json.loads((evals / "sweep.json").read_text(encoding="utf-8"))}
 
     runner.timings["total"] = round(time.perf_counter() - t_start, 1)
