@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from open_clip_po.demo.pipeline import DemoConfig, Method, finetune_argv, quick_config, shard_spec
+from open_clip_po.demo.pipeline import (DemoConfig, Method, Stage, finetune_argv, pretrain_argv, quick_config,
+                                       shard_spec)
 from open_clip_po.demo.report import check_targets
-from open_clip_po.demo.world import KINDS, TextStyle, attack, caption, render, world_classes, write_word
+from open_clip_po.demo.world import (KINDS, TEXT_SIZE_224, TextStyle, WorldClass, attack, caption, draw_object,
+                                    render, world_classes, write_word)
 from open_clip_po.demo.world_files import write_class_folder, write_pretrain_set
 
 
@@ -68,6 +70,37 @@ def test_text_size_is_relative_to_the_image_and_inside_it():
     assert 15 <= params["size"] <= 21  # 54..72 px at 224 px, scaled to 64 px
     left, top, right, bottom = params["bbox"]
     assert 0 <= left < right <= 64 and 0 <= top < bottom <= 64
+
+
+def test_attack_text_leaves_most_of_the_object_visible():
+    """The world's text size is chosen so that a model ignoring the text could still see the object: at
+    TEXT_SIZE_224 the attack covers well under a fifth of the object on average (at 64-84 px it was ~23 %)."""
+    def covered(size_range, n=120):
+        classes, fractions = world_classes(24), []
+        for i in range(n):
+            obj = draw_object(Image.new("RGB", (64, 64)), WorldClass("x", classes[i % 24].shape, "red"),
+                              np.random.default_rng(i))
+            text, _ = write_word(Image.new("RGB", (64, 64)), classes[(i + 5) % 24].name, np.random.default_rng(i),
+                                 TextStyle(size_range=size_range))
+            mask_obj, mask_text = np.asarray(obj)[..., 0] > 0, np.asarray(text).sum(-1) > 0
+            fractions.append((mask_obj & mask_text).sum() / mask_obj.sum())
+        return float(np.mean(fractions))
+    assert covered(TEXT_SIZE_224) < 0.18 < covered((64, 84))
+    assert DemoConfig().text_size_224 == TEXT_SIZE_224 == TextStyle().size_range
+
+
+def test_pretrain_argv_runs_open_clip_on_our_shards(tmp_path):
+    shards = tmp_path / "pretrain-read"
+    shards.mkdir()
+    for i in range(2):
+        (shards / f"pretrain-read-{i:06d}.tar").write_bytes(b"")
+    argv = pretrain_argv(DemoConfig(), Stage("read", 1, (1, 0, 0, 0), 3), shards, tmp_path / "runs", None)
+    assert argv[argv.index("--dataset-type") + 1] == "webdataset"
+    assert argv[argv.index("--train-data") + 1] == str(shards / "pretrain-read-{000000..000001}.tar")
+    assert "--train-num-samples" not in argv  # open_clip reads the count from our sizes.json
+    assert argv[argv.index("--epochs") + 1] == "3" and "--pretrained" not in argv
+    later = pretrain_argv(DemoConfig(), Stage("see", 1, (1, 0, 0, 0), 2), shards, tmp_path / "runs", tmp_path / "a.pt")
+    assert later[later.index("--pretrained") + 1] == str(tmp_path / "a.pt")
 
 
 def test_captions_name_the_class():
