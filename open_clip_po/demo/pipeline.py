@@ -110,7 +110,7 @@ def quick_config() -> DemoConfig:
     return dataclasses.replace(DemoConfig(), num_classes=8, text_size_224=(64, 84),
                                stages=(Stage("read", 600, (0.0, 0.2, 0.5, 0.3), 4),
                                        Stage("see", 400, (0.35, 0.25, 0.15, 0.25), 4)), train_per_class=40,
-                               test_per_class=25, po_epochs=4, methods=default_methods(quick=True))
+                               po_epochs=4, methods=default_methods(quick=True))
 
 
 class StageError(RuntimeError):
