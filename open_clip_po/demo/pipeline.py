@@ -104,9 +104,9 @@ def full_config() -> DemoConfig:
 
 def quick_config() -> DemoConfig:
     """For CI (< 3 min on 2 cores): 8 classes, larger text, a words-only first stage (so reading starts within the
-    short pre-training), DPO (full, head) and CE. The pre-trained model only starts to read (it names the written
-    class ~20 % of the time, chance 12.5 %; clean ~45 %), so this checks the pipeline and that DPO recovers
-    attacked accuracy and reads less, not the full demo's claim."""
+    short pre-training), DPO (full, head) and CE. The pre-trained model only starts to learn the world (it names
+    the written class 20–30 % of the time, chance 12.5 %; clean 45–55 %), so this checks the pipeline and that
+    DPO recovers attacked accuracy and reads less, not the full demo's claim."""
     return dataclasses.replace(DemoConfig(), num_classes=8, text_size_224=(64, 84),
                                stages=(Stage("read", 500, (0.0, 0.0, 1.0, 0.0), 4),
                                        Stage("see", 300, (0.35, 0.25, 0.15, 0.25), 4)), train_per_class=40,
