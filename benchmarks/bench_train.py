@@ -1,7 +1,9 @@
 """PO step vs open_clip CLIP step on the same model and inputs (issue 5), measured in one run.
 
 - full fine-tune: POCriterion (policy on B images + 2B captions, frozen reference forward, DPO) + backward +
-  AdamW step, against open_clip's ClipLoss on B images + B captions + backward + step;
+  AdamW step, against open_clip's ClipLoss on B images + B captions + backward + step; with distinct captions
+  the reference's text memo starts empty every step (they would not repeat in real data), with class-template
+  captions it is warm (they do);
 - ``--lock-text``: both with the text tower locked (the reference then shares the policy's text features);
 - linear head: a PO step training only W, against a forward of the frozen backbone on the same inputs;
 - peak memory: the rise of the process's peak RSS over its post-setup level, PO vs CLIP, each in a fresh
@@ -54,6 +56,9 @@ def _setup(mode: str, batch: int = BATCH, model_name: str = MODEL, class_caption
     batch = {"images": images, "chosen": chosen, "rejected": rejected}
 
     def po_step():
+        if not class_captions and reference.model is not None:
+            # Distinct captions never come back in real data: the reference's text memo must not help here.
+            reference.text_cache.clear()
         out = criterion(model, batch)
         out["loss"].backward()
         opt.step()

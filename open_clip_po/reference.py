@@ -32,6 +32,9 @@ class TextFeatureCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def clear(self) -> None:
+        self._entries.clear()
+
     def features(self, texts: torch.Tensor, encode) -> torch.Tensor:
         """``encode(texts)``, running ``encode`` only on the rows not seen before."""
         if self.max_entries == 0:

@@ -45,6 +45,8 @@ def test_cache_is_bounded_and_forgets_the_least_recently_used():
     off = TextFeatureCache(max_entries=0)
     off.features(tokens(1), enc)
     assert len(off) == 0
+    cache.clear()
+    assert len(cache) == 0
     with pytest.raises(ValueError, match="max_entries"):
         TextFeatureCache(max_entries=-1)
 
