@@ -10,14 +10,15 @@ from __future__ import annotations
 import io
 import json
 import os
-import tarfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from open_clip_po.data.reader import group_members, iter_tar_members
 from open_clip_po.data.shards import META, TXT, ShardWriter, encode_image
+from open_clip_po.data.skips import SkipCounter
 
 from .world import KINDS, TextStyle, WorldClass, caption, render
 
@@ -58,17 +59,16 @@ def write_pretrain_set(root: Path, classes: list[WorldClass], per_class: int, mi
 
 
 def shard_examples(folders: list[Path], kind: str, n: int) -> list[Image.Image]:
-    """The first ``n`` images of one kind in pre-training shards (for the examples grid)."""
+    """The first ``n`` images of one kind in pre-training shards (for the examples grid), read with the triplet
+    reader's own tar stages."""
+    shards = sorted(s for folder in folders for s in folder.glob("*.tar"))
+    sources = ({"url": str(s), "stream": open(s, "rb")} for s in shards)
     found = []
-    for shard in sorted(s for folder in folders for s in folder.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            members = {m.name: m for m in tar.getmembers()}
-            for key in sorted({name.split(".", 1)[0] for name in members}):
-                meta = json.loads(tar.extractfile(members[f"{key}.{META}"]).read())
-                if meta["kind"] == kind:
-                    found.append(Image.open(io.BytesIO(tar.extractfile(members[f"{key}.png"]).read())).convert("RGB"))
-                    if len(found) == n:
-                        return found
+    for sample in group_members(iter_tar_members(sources, SkipCounter())):
+        if json.loads(sample[META])["kind"] == kind:
+            found.append(Image.open(io.BytesIO(sample["png"])).convert("RGB"))
+            if len(found) == n:
+                break
     return found
 
 
