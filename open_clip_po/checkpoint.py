@@ -51,7 +51,7 @@ def _describe(path: Path) -> str:
     if not head:
         return "an empty file"
     if head.startswith(b"PK"):
-        return "a zip archive that torch cannot read as a checkpoint (truncated or not a torch file)"
+        return "a zip archive torch cannot read (a truncated checkpoint, or not one)"
     if head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"GIF8")):
         return "an image"
     if head.lstrip().startswith((b"{", b"[")):
@@ -73,11 +73,11 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated file, pickle with non-tensor objects, not a checkpoint at all, ...
-        if "Weights only load failed" in str(e):
+        what = _describe(path)
+        if what.startswith(("a zip", "a legacy")) and "Weights only load failed" in str(e):
             what = "a pickle holding objects other than tensors, refused by torch.load(weights_only=True)"
-        else:
-            what = f"{_describe(path)}; {type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e) else \
-                f"{_describe(path)}; {type(e).__name__}"
+        elif what.startswith(("a zip", "a legacy", "a binary")):
+            what += f" ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
         raise CheckpointError(f"cannot read checkpoint {path}: {what}") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
