@@ -119,6 +119,7 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
 
     optimizer.zero_grad()
     step_outputs, steps, samples, end = [], 0, 0, time.time()
+    group_samples = 0  # samples of the accumulation group under way; they count once its step is taken
     batches = iter(dataloader)
     for i in range(num_batches_per_epoch * accum):  # a ragged tail that cannot fill a step is left out
         batch = next(batches, None)
@@ -140,19 +141,19 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
                 out = criterion(model, batch)
             if _any_rank(not bool(torch.isfinite(out["loss"]).item()), device):
                 optimizer.zero_grad()
-                step_outputs = []
+                step_outputs, group_samples = [], 0
                 if hooks is not None:
                     hooks.bad_step(model, optimizer, scaler, epoch, out["loss"])
                 end = time.time()
                 continue
             backward(out["loss"] / accum, scaler)
         step_outputs.append(out)
-        samples += batch["images"].shape[0]
+        group_samples += batch["images"].shape[0]
         if not last_micro:
             continue
 
         _optimizer_step(model, optimizer, scaler, args)
-        steps += 1
+        steps, samples, group_samples = steps + 1, samples + group_samples, 0
         if hooks is not None:
             hooks.good_step(step)
         log.batch_time.update(time.time() - end)
