@@ -89,6 +89,19 @@ def _optimizer_step(model, optimizer, scaler, args) -> None:
         unwrap(model).logit_scale.clamp_(0, math.log(100))  # as open_clip: ln(100)
 
 
+def _forward_backward(model, criterion, batch, last_micro, autocast, scaler, args) -> tuple[dict, bool]:
+    """One micro-batch: the criterion's output and whether its loss is finite on every rank (if not, no rank ran
+    a backward). DDP syncs gradients on the last micro-batch of an accumulation group only."""
+    sync = contextlib.nullcontext() if (last_micro or not hasattr(model, "no_sync")) else model.no_sync()
+    with sync:
+        with autocast():
+            out = criterion(model, batch)
+        finite = not _any_rank(not bool(torch.isfinite(out["loss"]).item()), torch.device(args.device))
+        if finite:
+            backward(out["loss"] / args.accum_freq, scaler)
+    return out, finite
+
+
 def _samples_per_rank(count: int, device) -> list[int]:
     if not (dist.is_available() and dist.is_initialized()):
         return [count]
@@ -135,18 +148,14 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
         log.data_time.update(time.time() - end)
 
         last_micro = (i + 1) % accum == 0
-        sync = contextlib.nullcontext() if (last_micro or not hasattr(model, "no_sync")) else model.no_sync()
-        with sync:
-            with autocast():
-                out = criterion(model, batch)
-            if _any_rank(not bool(torch.isfinite(out["loss"]).item()), device):
-                optimizer.zero_grad()
-                step_outputs, group_samples = [], 0
-                if hooks is not None:
-                    hooks.bad_step(model, optimizer, scaler, epoch, out["loss"])
-                end = time.time()
-                continue
-            backward(out["loss"] / accum, scaler)
+        out, finite = _forward_backward(model, criterion, batch, last_micro, autocast, scaler, args)
+        if not finite:
+            optimizer.zero_grad()
+            step_outputs, group_samples = [], 0
+            if hooks is not None:
+                hooks.bad_step(model, optimizer, scaler, epoch, out["loss"])
+            end = time.time()
+            continue
         step_outputs.append(out)
         group_samples += batch["images"].shape[0]
         if not last_micro:
