@@ -53,6 +53,11 @@ def po_argument_parser() -> argparse.ArgumentParser:
     g.add_argument("--po-ref-pretrained", default=None, help="reference weights (default: the policy's start)")
     g.add_argument("--ref-model", dest="po_ref_model", help=argparse.SUPPRESS)  # older spellings, kept
     g.add_argument("--ref-pretrained", dest="po_ref_pretrained", help=argparse.SUPPRESS)
+    g.add_argument("--po-ref-cache", default=None,
+                   help="folder of reference features computed ahead (python -m open_clip_po.ref_cache): no "
+                        "reference model is built")
+    g.add_argument("--po-ref-cache-approximate", action="store_true",
+                   help="accept a cache under random training augmentation (the cached view is not the trained one)")
     g.add_argument("--po-ref-sync-steps", type=int, default=0,
                    help="TR-DPO: every N optimizer steps move the reference towards the policy (0 = frozen)")
     g.add_argument("--po-ref-sync-alpha", type=float, default=0.6,
@@ -112,6 +117,24 @@ def _check_regulariser_flags(args) -> None:
                          "without it there is no regulariser")
 
 
+def _check_ref_cache(args) -> None:
+    if not args.po_ref_cache:
+        return
+    from .ref_cache import deterministic_augmentation
+
+    if args.po_linear_head:
+        raise UsageError("--po-ref-cache is not for --po-linear-head: its reference is the frozen backbone, free")
+    if args.po_ref_sync_steps:
+        raise UsageError("--po-ref-cache cannot follow the policy (--po-ref-sync-steps): cached features are fixed")
+    if not deterministic_augmentation(args.aug_cfg):
+        if not args.po_ref_cache_approximate:
+            raise UsageError("--po-ref-cache is exact only with deterministic training preprocessing "
+                             "(--aug-cfg scale='(1.0, 1.0)', no colour jitter/grey-scale/erasing/timm); "
+                             "add --po-ref-cache-approximate to use the cached view anyway")
+        logging.warning("--po-ref-cache-approximate: the reference sees the cached view of each image, the policy "
+                        "a random augmentation of it; the reference log-probs are an approximation")
+
+
 def _check_paths(args) -> None:
     for flag in ("po_eval_images", "po_eval_typographic", "po_classnames"):
         path = getattr(args, flag)
@@ -143,6 +166,7 @@ def validate(args) -> None:
         raise UsageError("--po-ref-sync-steps must be >= 0 and --po-ref-sync-alpha in (0, 1]")
     if args.po_ref_sync_steps and args.po_linear_head:
         raise UsageError("--po-ref-sync-steps cannot follow a linear head: its reference is the frozen backbone")
+    _check_ref_cache(args)
     if getattr(args, "distill_model", None) or getattr(args, "distill_pretrained", None):
         raise UsageError("--distill-* cannot be combined with --po-loss (the reference is PO's teacher)")
     if getattr(args, "horovod", False):

@@ -27,6 +27,7 @@ from .cli import HPARAM_FLAGS, UsageError, build_objective, parse_po_args, po_ar
 from .criterion import POCriterion, POSettings
 from .evaluator import Evaluator
 from .hooks import TooManyBadSteps, TrainingHooks
+from .ref_cache import CacheError
 from .model_setup import LocalReplica, ModelSetup  # noqa: F401  (LocalReplica: part of the seam's surface)
 from .train import NoTrainingSteps, train_one_epoch as po_train_one_epoch
 
@@ -171,7 +172,7 @@ def main(argv=None) -> int:
     with patched_open_clip_train():
         try:
             status = ocm.main(argv)
-        except (TooManyBadSteps, NoTrainingSteps) as e:
+        except (TooManyBadSteps, NoTrainingSteps, CacheError) as e:
             raise UsageError(str(e)) from e
     return 0 if status in (None, 0) else 1
 

@@ -143,6 +143,11 @@ def _text(sample, member, counter, prefix):
     return text
 
 
+def sample_key(url: str, key: str) -> str:
+    """A sample's name across shards: ``<shard file name>/<key>``."""
+    return f"{os.path.basename(url)}/{key}"
+
+
 def decode_triplet(sample, preprocess, tokenize, counter: SkipCounter):
     """A raw triplet sample → ``(image tensor, y_w tokens, y_l tokens)``, or None (counted) if it is bad."""
     url, key = sample["__url__"], sample["__key__"]
@@ -190,7 +195,7 @@ def _batches(samples, size):
     for sample in samples:
         buf.append(sample)
         if len(buf) == size:
-            yield tuple(torch.stack(column) for column in zip(*buf))
+            yield tuple(torch.stack(column) if torch.is_tensor(column[0]) else list(column) for column in zip(*buf))
             buf = []
 
 
@@ -278,8 +283,8 @@ class PreferenceDataset(IterableDataset):
         raw = _shuffle(group_members(members), SAMPLE_SHUFFLE_SIZE, SAMPLE_SHUFFLE_INITIAL, rng=rng)
         for sample in raw:
             decoded = decode(sample, self.preprocess, self.tokenize, self.counter)
-            if decoded is not None:
-                yield decoded
+            if decoded is not None:  # the sample's key rides along: a reference cache joins features by it
+                yield (*decoded, sample_key(sample["__url__"], sample["__key__"]))
 
     def _reg_samples(self, epoch, worker, num_workers):
         for cycle in itertools.count():  # endless: one b_reg per b_pref, however long the pref stream lasts
@@ -310,10 +315,10 @@ class PreferenceDataset(IterableDataset):
         while pending is not None:
             produced += 1
             following = next(pref, None) if produced < self.num_worker_batches else None
-            images, chosen, rejected = pending
-            batch = {"images": images, "chosen": chosen, "rejected": rejected}
+            images, chosen, rejected, keys = pending
+            batch = {"images": images, "chosen": chosen, "rejected": rejected, "keys": keys}
             if reg is not None:
-                batch["reg_images"], batch["reg_texts"] = next(reg)
+                batch["reg_images"], batch["reg_texts"], batch["reg_keys"] = next(reg)
             batch["skipped"] = self.counter.drain()
             yield batch
             pending = following
