@@ -5,13 +5,24 @@ import torch
 
 from .distributed import gather_features
 from .logps import policy_logps
+from .precision import at_least_float32, autocast_off
 
 DIRECTIONS = ("forward", "reverse")
 
 
 def categorical_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """Row-wise ``KL(p ‖ q) = Σ_k p_k (log p_k − log q_k)`` from log-probabilities [N, K] → [N]."""
-    return (logp.exp() * (logp - logq)).sum(dim=-1)
+    """Row-wise ``KL(p ‖ q)`` from log-probabilities [N, K] → [N], in float32 at least, never negative.
+
+    Summed as ``Σ_k p_k (e^{−d_k} + d_k − 1)`` with ``d = log p − log q``: equal to ``Σ_k p_k d_k`` when
+    both rows are normalised (it adds ``Σq − Σp = 0``), but every term is ≥ 0 (``e^{−d} ≥ 1 − d``), so
+    rounding can no longer make the KL of near-identical distributions negative; ``d = 0`` gives exactly 0.
+    For unnormalised inputs it is the generalised KL ``Σ p log(p/q) − p + q``.
+    """
+    logp, logq = at_least_float32(logp), at_least_float32(logq)
+    with autocast_off(logp):
+        d = logp - logq
+        # expm1(−d) + d is ≥ 0 up to one rounding for |d| < ~1e-7: clamp that last ulp
+        return (logp.exp() * (torch.expm1(-d) + d).clamp(min=0)).sum(dim=-1)
 
 
 def kl_regulariser(policy_image: torch.Tensor, policy_text: torch.Tensor, ref_image: torch.Tensor,
