@@ -399,13 +399,14 @@ def test_list_losses_lists_all_builtins_and_get_loss_builds_them():
 
 
 def test_paper_defaults():
-    assert L.loss_hparams("dpo") == {"beta": 1.0, "label_smoothing": 0.0}
+    assert L.loss_hparams("dpo") == {"beta": 1.0, "label_smoothing": 0.0, "f_divergence_type": "reverse_kl",
+                                     "f_alpha_divergence_coef": 1.0}
     assert L.loss_hparams("ipo") == {"beta": 0.01}
     assert L.loss_hparams("kto") == {"beta": 1.5, "desirable_weight": 1.0, "undesirable_weight": 1.0}
 
 
 def test_unknown_name_and_hyper_parameter():
-    with pytest.raises(ValueError, match=r"unknown loss 'dpoo'; known: ce, dpo, hinge, ipo, kto"):
+    with pytest.raises(ValueError, match=r"unknown loss 'dpoo'; known: aot, .*, ce, .*, dpo, .*, kto, .*sppo_hard"):
         L.get_loss("dpoo")
     with pytest.raises(TypeError, match="'label_smoothing'"):
         L.get_loss("ipo", beta=0.1, label_smoothing=0.1)

@@ -8,6 +8,7 @@ from .distributed import mean_across_ranks
 from .logps import pick
 from .precision import at_least_float32, autocast_off
 from .regulariser import categorical_kl
+from .registry import register_loss
 
 
 def kto_kl_logps(policy_logps_matrix: torch.Tensor, ref_logps_matrix: torch.Tensor,
@@ -49,6 +50,7 @@ def kto_reference_point_exact(policy_logps_matrix: torch.Tensor, ref_logps_matri
     return mean_across_ranks(z).clamp(min=0)
 
 
+@register_loss("kto")
 class KTOLoss(PreferenceLoss):
     """KTO on paired data: y_w is a desirable, y_l an undesirable example (TRL's ``kto_loss``).
 
