@@ -19,9 +19,9 @@ class DiscoPOPLoss(PairwiseLoss):
     the paper's and TRL's).
     Gradient w.r.t. h: ``β [−(1−m) σ(−x) − m e^{−x} + m (1−m) (e^{−x} − softplus(−x)) / τ]``. The loss is not
     monotone: at θ = ref (h = 0) the gradient is ``β ((1 − log 2)/(4τ) − 3/4)``, which is *positive* for
-    τ < (1 − log 2)/3 ≈ 0.102 — with the default τ the first steps lower h, towards a local minimum at
-    βh ≈ −0.11. A policy that starts exactly at its reference therefore needs τ above that bound (or a
-    warm start) to learn the preference.
+    τ < (1 − log 2)/3 ≈ 0.102 — with the default τ the loss has a local maximum at βh ≈ 0.07 and a local
+    minimum at βh ≈ −0.12, so a policy that starts exactly at its reference first moves h the wrong way
+    and can stay there; use τ above that bound (or a warm start) to learn the preference from θ = ref.
     """
 
     def __init__(self, beta: float = 1.0, discopop_tau: float = 0.05):
