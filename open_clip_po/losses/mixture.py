@@ -110,10 +110,10 @@ def _route_hparams(names: Sequence[str], hparams: Mapping[str, object]) -> dict[
         for n in takers:
             routed[n][key] = value
     for key, value in scoped.items():
-        name, hparam = key.split(".", 1)
-        if name not in routed:
-            raise TypeError(f"hyper-parameter {key!r} names objective {name!r}, which is not in {', '.join(names)}")
-        routed[name][hparam] = value  # get_loss names it if the objective does not take it
+        scope, hparam = key.split(".", 1)
+        if scope not in routed:
+            raise TypeError(f"hyper-parameter {key!r} names objective {scope!r}, which is not in {', '.join(names)}")
+        routed[scope][hparam] = value  # get_loss names it if that objective does not take it
     return routed
 
 
@@ -128,10 +128,23 @@ def build_objective(spec: str, weights: Sequence[float] | None = None,
     """
     names = parse_spec(spec)
     weights = check_weights([1.0] * len(names) if weights is None else weights, len(names))
-    routed = _route_hparams(names, dict(hparams or {}))
-    if len(names) == 1 and weights == [1.0]:
-        return get_loss(names[0], **routed[names[0]])
+    hparams = dict(hparams or {})
+    if len(names) == 1 and weights == [1.0]:  # get_loss itself, with get_loss's errors
+        return get_loss(names[0], **_unscoped(names[0], hparams))
+    routed = _route_hparams(names, hparams)
     return MixtureLoss({n: get_loss(n, **routed[n]) for n in names}, weights)
+
+
+def _unscoped(name: str, hparams: Mapping[str, object]) -> dict[str, object]:
+    """``{"dpo.beta": b}`` → ``{"beta": b}`` for objective ``name``; a scope naming another objective is a TypeError."""
+    out = {k: v for k, v in hparams.items() if "." not in k}
+    for key, value in hparams.items():
+        if "." in key:
+            scope, hparam = key.split(".", 1)
+            if scope != name:
+                raise TypeError(f"hyper-parameter {key!r} names objective {scope!r}, which is not in {name}")
+            out[hparam] = value
+    return out
 
 
 def parse_weights(text: str) -> list[float]:
