@@ -216,13 +216,18 @@ def test_orpo_matches_trl_and_stays_finite_where_trl_does_not(beta):
 @pytest.mark.parametrize("beta", BETAS)
 def test_bco_pair_running_baseline_matches_trl_running_moments_over_steps(beta):
     loss, running = L.get_loss("bco_pair", beta=beta), RunningMomentsTRL()
+    logged, trl_deltas = [], []
     for step in range(4):
         inputs = batch(seed=20 + step, spread=1.0 + step)
         out = loss(*inputs)
+        logged.append(out["delta"])
         want = trl_losses("bco_pair", *inputs, beta, running=running).mean()
+        trl_deltas.append(float(running.mean))
         assert out["loss"].item() == pytest.approx(want.item(), rel=1e-12)
         assert out["delta"].item() == pytest.approx(float(running.mean), rel=1e-12)
         assert loss.running_var.item() == pytest.approx(float(running.var), rel=1e-12, abs=1e-15)
+    # the logged δ of each step stays what it was (it is not a view of the buffer that moves on)
+    assert [d.item() for d in logged] == pytest.approx(trl_deltas, rel=1e-12)
     # δ after 4 steps is the mean of the 4 batch means (one observation per step)
     means = [(beta * torch.cat([c - rc_, r - rr_])).mean().item()
              for c, r, rc_, rr_ in (batch(seed=20 + s, spread=1.0 + s) for s in range(4))]

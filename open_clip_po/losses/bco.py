@@ -55,7 +55,7 @@ class BCOPairLoss(PreferenceLoss):
             chosen, rejected = self.beta * (pc - rc), self.beta * (pr - rr)
             if self.training:
                 self.update_baseline(torch.cat([chosen, rejected]).mean())
-            delta = self.running_mean.to(device=pc.device, dtype=pc.dtype)
+            delta = self.running_mean.to(device=pc.device, dtype=pc.dtype, copy=True)  # the buffer moves on
             losses = -F.logsigmoid(chosen - delta) - F.logsigmoid(-(rejected - delta))
             out = {"loss": losses.mean()}
             out.update(reward_metrics(self.beta, pc, pr, rc, rr))
