@@ -67,7 +67,7 @@ class PreferenceLoss(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.hparams().items())
 
-    def hparams(self) -> dict[str, float]:
+    def hparams(self) -> dict[str, object]:
         """The hyper-parameters this instance was built with."""
         return {"beta": self.beta}
 
@@ -108,7 +108,8 @@ class PreferenceLoss(nn.Module):
 
 
 class PairwiseLoss(PreferenceLoss):
-    """An objective that is a function of the policy ratio h alone (DPO, IPO, hinge, robust).
+    """An objective that is a function of the policy ratio h alone (DPO with the reverse KL, IPO, hinge, robust,
+    EXO, DiscoPOP).
 
     The partition function cancels in h (Lemma 3.1), so these objectives do not depend on which
     candidate set the log-probs were normalised over.
