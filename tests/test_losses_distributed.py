@@ -52,7 +52,7 @@ def objectives(batch, gather: bool) -> dict:
     frc, frr, frm = L.pair_logps(batch["ref_img"], None, None, 8.0, **ref_fixed)
 
     values = {}
-    for name in ("dpo", "ipo", "hinge", "robust", "ref_free", "ce"):
+    for name in sorted(set(L.builtin_losses()) - {"kto"}):  # KTO: below, with each reference point
         values[name] = L.get_loss(name)(pc, pr, rc, rr)["loss"]
         values[name + "/classes"] = L.get_loss(name)(fpc, fpr, frc, frr)["loss"]
     kto = L.get_loss("kto")
