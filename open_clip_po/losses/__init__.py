@@ -28,7 +28,7 @@ from .base import PairwiseLoss, PreferenceLoss, policy_ratio, reward_metrics
 from .distributed import gather_features, global_moments, is_distributed, mean_across_ranks, world_info
 from .kto import kto_kl_logps, kto_reference_point_exact
 from .logps import pair_logps, pick, policy_logps
-from .mixture import MixtureLoss, build_objective, parse_hparams, parse_weights
+from .mixture import MixtureLoss, build_objective, parse_hparams, parse_spec, parse_weights
 from .registry import (GROUP, LossEntryPointError, builtin_losses, get_loss, get_loss_class, is_loss, list_losses,
                        loss_hparams, register_loss)
 from .regulariser import categorical_kl, kl_regulariser, total_loss
@@ -37,6 +37,6 @@ __all__ = [
     "GROUP", "LossEntryPointError", "MixtureLoss", "PairwiseLoss", "PreferenceLoss", "build_objective",
     "builtin_losses", "categorical_kl", "gather_features", "get_loss", "get_loss_class", "global_moments",
     "is_distributed", "is_loss", "kl_regulariser", "kto_kl_logps", "kto_reference_point_exact", "list_losses",
-    "loss_hparams", "mean_across_ranks", "pair_logps", "parse_hparams", "parse_weights", "pick", "policy_logps",
+    "loss_hparams", "mean_across_ranks", "pair_logps", "parse_hparams", "parse_spec", "parse_weights", "pick", "policy_logps",
     "policy_ratio", "register_loss", "reward_metrics", "total_loss", "world_info",
 ]

@@ -7,8 +7,8 @@ from .base import PreferenceLoss, reward_metrics
 from .distributed import mean_across_ranks
 from .logps import pick
 from .precision import at_least_float32, autocast_off
-from .regulariser import categorical_kl
 from .registry import register_loss
+from .regulariser import categorical_kl
 
 
 def kto_kl_logps(policy_logps_matrix: torch.Tensor, ref_logps_matrix: torch.Tensor,
