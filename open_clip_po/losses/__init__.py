@@ -23,7 +23,7 @@ Typical step (see docs/losses.md)::
 This package imports neither open_clip nor open_clip_train nor open_clip_po.data.
 """
 # The objective modules register themselves with the registry on import (``@register_loss``).
-from . import aot, apo, bco, ce, discopop, dpo, exo, hinge, ipo, kto, nca, orpo, ref_free, robust, simpo, sppo  # noqa: F401
+from . import aot, apo, bco, ce, discopop, dpo, exo, hinge, ipo, kto, nca, orpo, ref_free, robust, simpo, sppo  # noqa
 from .base import PairwiseLoss, PreferenceLoss, policy_ratio, reward_metrics
 from .distributed import gather_features, global_moments, is_distributed, mean_across_ranks, world_info
 from .kto import kto_kl_logps, kto_reference_point_exact
@@ -37,6 +37,6 @@ __all__ = [
     "GROUP", "LossEntryPointError", "MixtureLoss", "PairwiseLoss", "PreferenceLoss", "build_objective",
     "builtin_losses", "categorical_kl", "gather_features", "get_loss", "get_loss_class", "global_moments",
     "is_distributed", "is_loss", "kl_regulariser", "kto_kl_logps", "kto_reference_point_exact", "list_losses",
-    "loss_hparams", "mean_across_ranks", "pair_logps", "parse_hparams", "parse_spec", "parse_weights", "pick", "policy_logps",
-    "policy_ratio", "register_loss", "reward_metrics", "total_loss", "world_info",
+    "loss_hparams", "mean_across_ranks", "pair_logps", "parse_hparams", "parse_spec", "parse_weights", "pick",
+    "policy_logps", "policy_ratio", "register_loss", "reward_metrics", "total_loss", "world_info",
 ]

@@ -44,7 +44,7 @@ class MixtureLoss(nn.Module):
     def __init__(self, terms: Mapping[str, nn.Module], weights: Sequence[float]):
         super().__init__()
         if len(terms) != len(weights) or not terms:
-            raise ValueError(f"MixtureLoss needs one weight per term, got {len(terms)} terms and {len(weights)} weights")
+            raise ValueError(f"MixtureLoss needs one weight per term, got {len(terms)} terms, {len(weights)} weights")
         self.terms = nn.ModuleDict(dict(terms))
         self.weights = tuple(check_weights(weights, len(terms)))
         self.requires_reference = any(bool(getattr(t, "requires_reference", True)) for t in self.terms.values())
