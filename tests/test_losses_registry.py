@@ -124,3 +124,10 @@ def test_pyproject_declares_no_builtin_in_our_group_and_every_builtin_for_open_c
         assert module == "open_clip_po.losses.open_clip_adapter" and attr == name
         built = getattr(open_clip_adapter, attr)()
         assert built.objective_name == name and type(built.objective) is L.get_loss_class(name)
+        # open_clip's call, no teacher (uniform reference): a finite loss with a gradient
+        g = torch.Generator().manual_seed(0)
+        img = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1).requires_grad_()
+        txt = torch.nn.functional.normalize(torch.randn(8, 8, generator=g), dim=-1)
+        loss = built(img, txt, torch.tensor(10.0), output_dict=True)[f"{name}_loss"]
+        loss.backward()
+        assert torch.isfinite(loss) and img.grad.abs().sum() > 0, name
