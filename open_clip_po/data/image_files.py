@@ -25,11 +25,11 @@ def list_class_folders(root: str | os.PathLike) -> list[str]:
     """Sorted names of the class sub-folders of ``root`` (hidden folders ignored)."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist" if not root.exists()
-                        else f"{root} is not a folder of class folders")
+        raise DataError(f"image folder not found: {root}" if not root.exists()
+                        else f"not a folder of class folders: {root}")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise DataError(f"{root} has no class sub-folders (expected {root}/<class>/<image>)")
+        raise DataError(f"{root} has no class folders (expected {root}/<class>/<image>)")
     return classes
 
 
