@@ -62,7 +62,9 @@ def add_writer_args(parser: argparse.ArgumentParser) -> None:
 
 
 def writer_kwargs(args) -> dict:
-    return dict(max_count=args.max_count, max_size=int(args.max_size * (1 << 30)))
+    """The keyword arguments every builder function takes, from the options of ``add_writer_args``."""
+    return dict(max_count=args.max_count, max_size=int(args.max_size * (1 << 30)), image_format=args.image_format,
+                quality=args.quality, seed=args.seed, workers=args.workers, quiet=args.quiet)
 
 
 def run_builder(build: Callable[[], object]) -> int:

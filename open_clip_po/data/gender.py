@@ -20,7 +20,7 @@ from functools import partial
 from ._build import add_writer_args, builder_parser, format_caption, ordered_map, run_builder, writer_kwargs
 from .gender_csv import FLIP, read_gender_csv
 from .publish import StagedBuild
-from .shards import META, TXT, YL, YW, encode_image, fit_square, load_image
+from .shards import META, TXT, YL, YW, ShardWriter, encode_image, fit_square, load_image
 
 
 def read_rows(csv_path, images_root=None) -> list[dict]:
@@ -40,7 +40,8 @@ def build_gender(csv_path, out, images_root=None, template="The {gender} is {act
     random.Random(seed).shuffle(rows)
     encode = partial(_encode, image_size=image_size, image_format=image_format, quality=quality)
     wkw = dict(max_count=max_count, max_size=max_size)
-    with StagedBuild(out) as build, build.writer("pref", **wkw) as pref, build.writer("reg", **wkw) as reg:
+    with StagedBuild(out) as build, ShardWriter(build, "pref", **wkw) as pref, \
+            ShardWriter(build, "reg", **wkw) as reg:
         for index, (row, data) in enumerate(zip(rows, ordered_map(encode, rows, workers=workers,
                                                                   desc=f"gender → {out}", quiet=quiet))):
             y_w = format_caption(template, gender=FLIP[row["gender"]], activity=row["activity"]).encode("utf-8")
@@ -70,8 +71,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     return run_builder(lambda: build_gender(
         args.csv, args.out, images_root=args.images_root, template=args.template, reg_template=args.reg_template,
-        image_size=args.image_size, image_format=args.image_format, quality=args.quality, seed=args.seed,
-        workers=args.workers, quiet=args.quiet, **writer_kwargs(args)))
+        image_size=args.image_size, **writer_kwargs(args)))
 
 
 if __name__ == "__main__":

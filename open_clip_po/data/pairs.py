@@ -17,11 +17,12 @@ import random
 from functools import partial
 from pathlib import Path
 
-from ._build import add_writer_args, builder_parser, format_caption, ordered_map, run_builder, write_lines, writer_kwargs
+from ._build import (add_writer_args, builder_parser, format_caption, ordered_map, run_builder, write_lines,
+                     writer_kwargs)
 from .classnames import CLASSNAMES_FILE, classnames_for_folders
 from .image_files import scan_class_folders
 from .publish import StagedBuild
-from .shards import META, TXT, encode_image, fit_square, load_image
+from .shards import META, TXT, ShardWriter, encode_image, fit_square, load_image
 
 
 def _encode(item, image_size, image_format, quality, root):
@@ -40,7 +41,7 @@ def build_pairs(images, out, template="a photo of a {}.", classnames=None, image
     encode = partial(_encode, image_size=image_size, image_format=image_format, quality=quality,
                      root=Path(images))
     with StagedBuild(out) as build:
-        with build.writer(prefix, max_count=max_count, max_size=max_size) as writer:
+        with ShardWriter(build, prefix, max_count=max_count, max_size=max_size) as writer:
             for index, (data, label, source) in enumerate(
                     ordered_map(encode, items, workers=workers, desc=f"pairs → {out}", quiet=quiet)):
                 caption = format_caption(template, classname=names[label])
@@ -69,8 +70,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     return run_builder(lambda: build_pairs(
         args.images, args.out, template=args.template, classnames=args.classnames, image_size=args.image_size,
-        prefix=args.prefix, image_format=args.image_format, quality=args.quality, seed=args.seed,
-        workers=args.workers, quiet=args.quiet, **writer_kwargs(args)))
+        prefix=args.prefix, **writer_kwargs(args)))
 
 
 if __name__ == "__main__":

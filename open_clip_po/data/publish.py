@@ -102,8 +102,8 @@ def exchange_folders(a: Path, b: Path) -> None:
 
 class StagedBuild:
     """``with StagedBuild(out) as build:`` write into ``build.path``; on success the set is published into
-    ``out`` (see the module docstring), on an exception nothing of it is. ``build.writer(prefix)`` gives a
-    ``ShardWriter`` whose shards are part of the build."""
+    ``out`` (see the module docstring), on an exception nothing of it is. ``ShardWriter(build, prefix)`` writes
+    shards that are part of the build."""
 
     def __init__(self, out: str | os.PathLike):
         self.out = Path(os.path.abspath(out))
@@ -127,11 +127,6 @@ class StagedBuild:
             self._lock.release()
             raise
         return self
-
-    def writer(self, prefix: str, **kwargs):
-        from .shards import ShardWriter
-
-        return ShardWriter(self.path, prefix, build=self, **kwargs)
 
     def add_shards(self, prefix: str, sizes: dict[str, int]) -> None:
         self.prefixes.add(prefix)

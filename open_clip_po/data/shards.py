@@ -65,20 +65,21 @@ def tar_header(name: str, size: int) -> bytes:
 class ShardWriter:
     """Write samples to ``PREFIX-000000.tar, ...`` of a shard folder, rolling over at ``max_count``/``max_size``.
 
-    Byte-identical output for identical input. Given a ``StagedBuild`` (``build.writer(prefix)``), the shards are
-    part of that build; alone, the writer is a build of its own: it locks ``out_dir``, writes into a staging
-    folder, and ``close()`` publishes the shards, ``sizes.json`` and the completion manifest into ``out_dir``
+    Byte-identical output for identical input. Given a ``StagedBuild`` as ``out``, the shards are part of that
+    build; given a folder, the writer is a build of its own: it locks the folder, writes into a staging folder,
+    and ``close()`` publishes the shards, ``sizes.json`` and the completion manifest into it
     (replacing the shards of an earlier run with the same prefix; see ``open_clip_po.data.publish``). Leaving a
     ``with`` block by an exception publishes nothing.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, prefix: str, max_count: int = 10_000,
-                 max_size: int = 3 << 30, build: StagedBuild | None = None):
+    def __init__(self, out: str | os.PathLike | StagedBuild, prefix: str, max_count: int = 10_000,
+                 max_size: int = 3 << 30):
         if max_count < 1 or max_size < 1:
             raise ValueError("max_count and max_size must be positive")
         self._own_build = None
-        if build is None:
-            build = self._own_build = StagedBuild(out_dir).__enter__()
+        build = out
+        if not isinstance(out, StagedBuild):
+            build = self._own_build = StagedBuild(out).__enter__()
         self.build, self.folder = build, Path(build.path)
         self.prefix, self.max_count, self.max_size = prefix, max_count, max_size
         self.sizes: dict[str, int] = {}

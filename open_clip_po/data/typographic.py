@@ -35,11 +35,12 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from ..atomic import atomic_path
-from ._build import add_writer_args, builder_parser, format_caption, ordered_map, run_builder, write_lines, writer_kwargs
+from ._build import (add_writer_args, builder_parser, format_caption, ordered_map, run_builder, write_lines,
+                     writer_kwargs)
 from .classnames import CLASSNAMES_FILE, classnames_for_folders
 from .image_files import scan_class_folders
 from .publish import StagedBuild
-from .shards import META, TXT, YL, YW, encode_image, fit_square, load_image
+from .shards import META, TXT, YL, YW, ShardWriter, encode_image, fit_square, load_image
 
 COLORS = {
     "white": (255, 255, 255), "blue": (0, 0, 255), "green": (0, 255, 0), "red": (255, 0, 0),
@@ -197,7 +198,7 @@ def build_typographic(images, out, per_image=1, image_size=224, template="a phot
                    seed=seed)
     wkw = dict(max_count=max_count, max_size=max_size)
     with StagedBuild(out) as build:
-        with build.writer("pref", **wkw) as pref, build.writer("reg", **wkw) as reg:
+        with ShardWriter(build, "pref", **wkw) as pref, ShardWriter(build, "reg", **wkw) as reg:
             for index, (source, label, clean, attacks) in enumerate(
                     ordered_map(work, items, workers=workers, desc=f"typographic → {out}", quiet=quiet)):
                 y_w = format_caption(template, classname=names[label]).encode("utf-8")
@@ -256,9 +257,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     return run_builder(lambda: build_typographic(
         args.images, args.out, per_image=args.per_image, image_size=args.image_size, template=args.template,
-        classnames=args.classnames, fonts=args.fonts, size_range=tuple(args.font_size), seed=args.seed,
-        image_format=args.image_format, quality=args.quality, workers=args.workers, quiet=args.quiet,
-        eval_out=args.eval_out, eval_images=args.eval_images, **writer_kwargs(args)))
+        classnames=args.classnames, fonts=args.fonts, size_range=tuple(args.font_size), eval_out=args.eval_out,
+        eval_images=args.eval_images, **writer_kwargs(args)))
 
 
 if __name__ == "__main__":
