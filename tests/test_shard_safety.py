@@ -169,6 +169,21 @@ def test_a_rebuild_killed_anywhere_leaves_the_old_or_the_new_set(sets, tmp_path,
         assert any(f"from PID {proc.pid}" in r.getMessage() for r in caplog.records)
 
 
+def test_a_killed_rebuild_of_a_folder_without_manifest_leaves_it_readable(sets, tmp_path, tokenizer):
+    images, seed0, _ = sets
+    out = tmp_path / "out"
+    shutil.copytree(seed0, out)
+    (out / "build.json").unlink()  # as written by another tool, or by builders before manifests existed
+    before = _files(out)
+    _kill(_start(out, images, 1, "shard:2", tmp_path)[0])
+    assert _files(out) == before
+    from open_clip_po.data import get_po_data
+
+    info = get_po_data(po_args(train_data=str(out / "pref-*.tar"), batch_size=1), (pixels, pixels),
+                       tokenizer=tokenizer)["train"]
+    assert len(read_epoch(info)) == 12
+
+
 def test_a_first_build_killed_is_refused_by_training_and_evaluation(sets, tmp_path, tokenizer):
     from open_clip_po.data import IncompleteBuildError, get_po_data
     from open_clip_po.eval import EvalError

@@ -63,8 +63,9 @@ def get_po_data(args, preprocess_fns, epoch: int = 0, tokenizer=None) -> dict:
 
     num_samples = getattr(args, "train_num_samples", None) or dataset_size(urls)
     if not num_samples:
-        raise DataError(f"the number of training samples in --train-data {train_data} is unknown: give "
-                        f"--train-num-samples or put a {SIZES_FILE} beside the shards")
+        raise DataError(f"the number of training samples in --train-data {train_data} is unknown: no "
+                        f"{SIZES_FILE} beside the shards (if an open_clip_po builder wrote them, its run did not "
+                        "finish: run it again); or give --train-num-samples")
     if not resampled and len(urls) < max(1, workers) * world_size:
         raise DataError(f"{len(urls)} shard(s) for {max(1, workers)} worker(s) x {world_size} rank(s): every "
                         "reader needs a shard (use more shards, fewer workers, or --dataset-resampled)")

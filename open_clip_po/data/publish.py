@@ -8,9 +8,9 @@
   ``sizes.json``, ``classnames.txt`` ...; other sets in the folder stay), writes ``sizes.json`` and then the
   completion manifest ``build.json`` last, and swaps the two folders in one atomic ``renameat2(RENAME_EXCHANGE)``.
   Killed anywhere before the swap, ``OUT`` is untouched; after it, ``OUT`` holds the new set.
-- Readers (training and evaluation) require ``build.json`` in a folder that a builder has touched (it holds
-  ``.build.lock``): without it, the folder's first build did not finish. Shards whose byte size differs from the
-  manifest were changed after the build. Folders written by other tools (no lock, no manifest) are read as before.
+- Readers (training and evaluation) refuse a folder that holds ``.build.lock`` but neither shards nor
+  ``build.json`` (its first build did not finish), and shards whose byte size differs from the manifest (changed
+  after the build). Folders without a manifest (other tools, older builders) are read as before.
 - The next build removes staging folders and temporary files of killed builders.
 """
 from __future__ import annotations
@@ -200,7 +200,12 @@ def read_json(path: Path):
 
 
 def check_complete(urls) -> None:
-    """Refuse shards of a folder whose build did not finish, or that differ from their build's manifest."""
+    """Refuse shards that differ from their folder's completion manifest (added or changed after the build).
+
+    A killed first build leaves no shard in its folder (they are staged elsewhere): its patterns match nothing,
+    which ``open_clip_po.data.patterns`` reports. Folders without a manifest (other tools, older builders) are
+    read as they are.
+    """
     manifests: dict[str, dict | None] = {}
     for url in urls:
         if "://" in url or url.startswith("pipe:") or not os.path.isfile(url):
@@ -208,13 +213,9 @@ def check_complete(urls) -> None:
         folder, name = os.path.split(url)
         if folder not in manifests:
             manifests[folder] = read_json(Path(folder or ".") / MANIFEST_FILE)
-            if manifests[folder] is None and os.path.exists(os.path.join(folder, LOCK_FILE)):
-                raise IncompleteBuildError(
-                    f"{folder or '.'} has shards but no {MANIFEST_FILE}: its build did not finish (killed?); "
-                    f"run the builder again with --out {folder or '.'}")
         files = (manifests[folder] or {}).get("files")
         if files is None:
-            continue  # written by another tool: nothing to check against
+            continue
         if name not in files or files[name] != os.path.getsize(url):
             raise IncompleteBuildError(
                 f"{url} is not the shard that {os.path.join(folder, MANIFEST_FILE)} lists (added or changed "
