@@ -17,18 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from data_helpers import make_image_folder, pixels, po_args, read_epoch, triplet, write_tar
+from data_helpers import (make_image_folder, pixels, po_args, read_epoch, tokenizer,  # noqa: F401 (a fixture)
+                          triplet, write_tar)
 
 TIMEOUT = 120  # seconds a builder may take to reach its stop; the test fails rather than hangs
 BUILD = dict(image_size=16, image_format="png", max_count=4, quiet=True)  # 12 images: 3 + 3 shards
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    import open_clip
-    import open_clip_po  # noqa: F401  (registers po-tiny)
-
-    return open_clip.get_tokenizer("po-tiny")
 
 
 @pytest.fixture(scope="module")
