@@ -34,7 +34,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, remove_stale_temp_files
 from ._build import (add_writer_args, builder_parser, format_caption, ordered_map, run_builder, write_lines,
                      writer_kwargs)
 from .classnames import CLASSNAMES_FILE, classnames_for_folders
@@ -225,6 +225,8 @@ def build_eval_folder(images, out, names, image_size=224, fonts=None, size_range
     if len(folders) != len(names):
         raise ValueError(f"{images} has {len(folders)} classes, the training folder {len(names)}")
     Path(out).mkdir(parents=True, exist_ok=True)
+    for folder in [Path(out), *(Path(out) / f for f in folders)]:
+        remove_stale_temp_files(folder)  # of an earlier, killed run (each file is written atomically)
     work = partial(_attack_eval, root=Path(images), out=Path(out), names=names, image_size=image_size,
                    fonts=tuple(fonts or default_fonts()), size_range=tuple(size_range), seed=seed)
     records = list(ordered_map(work, items, workers=workers, desc=f"eval attacks → {out}", quiet=quiet))
