@@ -112,7 +112,8 @@ class StagedBuild:
         self.prefixes: set[str] = set()
         self._lock = BuildLock(self.out)
 
-    def __enter__(self) -> "StagedBuild":
+    def open(self) -> "StagedBuild":
+        """Lock ``out``, clear leftovers of killed builds, make the staging folder (``with`` does this)."""
         self._lock.acquire()
         try:
             foreign = sorted(p.name for p in self.out.iterdir() if p.is_dir())
@@ -170,14 +171,28 @@ class StagedBuild:
         exchange_folders(self.path, self.out)
         shutil.rmtree(self.path)  # now the previous contents of out
 
-    def __exit__(self, exc_type, exc, tb):
+    def commit(self) -> None:
+        """Publish the staged set and unlock."""
         try:
-            if exc_type is None:
-                self.publish()
-            else:
-                shutil.rmtree(self.path, ignore_errors=True)
+            self.publish()
         finally:
             self._lock.release()
+
+    def abort(self) -> None:
+        """Discard the staged set and unlock; ``out`` stays as it was."""
+        try:
+            shutil.rmtree(self.path, ignore_errors=True)
+        finally:
+            self._lock.release()
+
+    def __enter__(self) -> "StagedBuild":
+        return self.open()
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
         return False
 
 

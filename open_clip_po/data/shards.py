@@ -79,7 +79,7 @@ class ShardWriter:
         self._own_build = None
         build = out
         if not isinstance(out, StagedBuild):
-            build = self._own_build = StagedBuild(out).__enter__()
+            build = self._own_build = StagedBuild(out).open()
         self.build, self.folder = build, Path(build.path)
         self.prefix, self.max_count, self.max_size = prefix, max_count, max_size
         self.sizes: dict[str, int] = {}
@@ -112,7 +112,7 @@ class ShardWriter:
             self._file = self._tmp = None
         self._closed = True
         if self._own_build is not None:
-            self._own_build.__exit__(RuntimeError, None, None)  # discards the staging folder, unlocks
+            self._own_build.abort()
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
         """Add one sample: ``members`` maps extension (``"jpg"``, ``"yw.txt"``...) to bytes, written in order."""
@@ -138,7 +138,7 @@ class ShardWriter:
         self._closed = True
         self.build.add_shards(self.prefix, self.sizes)
         if self._own_build is not None:
-            self._own_build.__exit__(None, None, None)  # publishes
+            self._own_build.commit()
         return self.sizes
 
     def __enter__(self):
