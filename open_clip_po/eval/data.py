@@ -200,27 +200,26 @@ def shard_classnames(spec: str, classnames_file: str | None) -> list[str]:
     raise EvalError(f"shards {spec} need class names: pass --classnames FILE or put {CLASSNAMES_FILE} beside them")
 
 
+@_as_eval_errors()
 def open_eval_set(source: str, classnames: Sequence[str], preprocess: Callable, *, attack=None,
                   typographic: bool = False, clean_folders: Sequence[str] | None = None) -> EvalSet:
     """One set: shards or a class folder at ``source``; ``attack`` attacks it on the fly; ``typographic``: its
     images are attacked copies (files named ``..._written<W>``, class folders as ``clean_folders``)."""
     names, attacked = list(classnames), attack is not None or typographic
     name = Path(source.rstrip("/")).name or source
-    if attack is not None:
-        description = {"source": "on-the-fly", "seed": attack.seed}
     if is_shard_spec(source):
         urls, _ = expand_shards(source, flag="--typographic" if typographic else "--images", require_all=True)
         dataset, num_samples = ShardDataset(urls, preprocess, len(names), attack), None
-        if attack is None:
-            description = {"source": "webdataset", "path": source, "shards": len(urls)}
+        description = {"source": "webdataset", "path": source, "shards": len(urls)}
     else:
         if typographic:
             samples = scan_typographic_folder(source, clean_folders)
         else:
             samples = [(str(path), index) for path, index in scan_class_folders(source)[1]]
         dataset, num_samples = FolderDataset(samples, preprocess, attack), len(samples)
-        if attack is None:
-            description = {"source": "folder", "path": source}
+        description = {"source": "folder", "path": source}
+    if attack is not None:
+        description = {"source": "on-the-fly", "seed": attack.seed}
     return EvalSet(name, names, dataset, attacked=attacked, num_samples=num_samples, description=description)
 
 
@@ -243,15 +242,15 @@ def open_eval_sets(images: str, preprocess: Callable, *, typographic: str | None
     with _as_eval_errors():
         folders = None if is_shard_spec(images) else list_class_folders(images)
         names = _eval_classnames(images, folders, classnames, classnames_file)
-        clean = open_eval_set(images, names, preprocess)
-        attacked = None
-        if attack_seed is not None:
-            attacked = open_eval_set(images, names, preprocess, attack=OnTheFlyAttack(names, attack_seed, fonts))
-        elif typographic is not None:
-            if folders is None and not is_shard_spec(typographic):
-                raise EvalError(f"with shards as the clean images, the typographic set must be shards too, "
-                                f"not {typographic}")
-            attacked = open_eval_set(typographic, names, preprocess, typographic=True, clean_folders=folders)
+    clean = open_eval_set(images, names, preprocess)
+    attacked = None
+    if attack_seed is not None:
+        attacked = open_eval_set(images, names, preprocess, attack=OnTheFlyAttack(names, attack_seed, fonts))
+    elif typographic is not None:
+        if folders is None and not is_shard_spec(typographic):
+            raise EvalError(f"with shards as the clean images, the typographic set must be shards too, "
+                            f"not {typographic}")
+        attacked = open_eval_set(typographic, names, preprocess, typographic=True, clean_folders=folders)
     return clean, attacked
 
 
