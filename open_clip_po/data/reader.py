@@ -11,6 +11,7 @@ worker's previous batch; see ``open_clip_po.data.skips``). The D_reg stream neve
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import random
 from collections import Counter
@@ -57,6 +58,11 @@ class _WorkerSeed:
 def _worker() -> tuple[int, int]:
     info = get_worker_info()
     return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def hash_seed(*parts: int) -> int:
+    """A 63-bit seed from whole numbers (stable across processes and runs, unlike ``hash``)."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
 
 
 class PreferenceDataset(IterableDataset):
@@ -121,6 +127,10 @@ class PreferenceDataset(IterableDataset):
     def __iter__(self):
         epoch = self.shared_epoch.get_value()
         worker, num_workers = _worker()
+        if get_worker_info() is not None:
+            # Persistent workers carry their RNG from epoch to epoch; seeding it per epoch makes the random
+            # augmentations of epoch N the same whatever came before, so a resumed run repeats them exactly.
+            torch.manual_seed(hash_seed(self.seed, epoch, self.rank, worker))
         rng = random.Random(f"pref:{self.seed}:{epoch}:{self.rank}:{worker}")
         pref = _batches(self._samples(self._pref_shards(worker, num_workers), "", rng, decode_triplet),
                         self.batch_size)
