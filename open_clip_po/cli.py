@@ -30,7 +30,13 @@ class UsageError(SystemExit):
 def po_argument_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     g = p.add_argument_group("preference optimisation (open_clip_po)")
-    g.add_argument("--po-loss", default=None, help="objective: " + ", ".join(po_losses.list_losses()))
+    g.add_argument("--po-loss", default=None,
+                   help="objective, or a comma-separated mixture (dpo,ce): " + ", ".join(po_losses.list_losses()))
+    g.add_argument("--po-loss-weights", default=None,
+                   help="weights of a mixture's terms, e.g. 1,0.1 (RPO = dpo,ce); default: all 1")
+    g.add_argument("--po-hparam", action="append", default=[], metavar="NAME=VALUE",
+                   help="any hyper-parameter of the objective by its TRL name (repeatable; dpo.beta=... for one "
+                        "term of a mixture), e.g. f_divergence_type=js_divergence, simpo_gamma=0.5")
     g.add_argument("--po-beta", type=float, default=None, help="β (objective's paper default if unset)")
     g.add_argument("--po-label-smoothing", type=float, default=None, help="cDPO / robust ε")
     g.add_argument("--po-desirable-weight", type=float, default=None, help="KTO λ_D")
@@ -143,7 +149,7 @@ def _check_paths(args) -> None:
 
 
 def _warn_inert(args) -> None:
-    if args.po_kto_kl != "mismatched" and not getattr(po_losses.get_loss_class(args.po_loss), "needs_kl", False):
+    if args.po_kto_kl != "mismatched" and not build_objective(args).needs_kl:
         logging.warning(f"--po-kto-kl has no effect with --po-loss {args.po_loss} (only KTO uses a reference point)")
 
 
@@ -151,8 +157,13 @@ def validate(args) -> None:
     known = po_losses.list_losses()
     if args.po_loss is None:
         raise UsageError("--po-loss is required (one of: " + ", ".join(known) + ")")
-    if args.po_loss not in known:
-        raise UsageError(f"unknown --po-loss {args.po_loss!r}; known: " + ", ".join(known))
+    try:
+        names = po_losses.parse_spec(args.po_loss)
+    except ValueError as e:
+        raise UsageError(f"--po-loss {args.po_loss!r}: {e}".splitlines()[0]) from e
+    for name in names:
+        if not po_losses.is_loss(name):
+            raise UsageError(f"unknown --po-loss {name!r}; known: " + ", ".join(known))
     if not args.train_data:
         raise UsageError("--train-data (triplet shards, see README 'Data') is required")
     check_model_name(args.model)
@@ -189,5 +200,9 @@ def validate(args) -> None:
 
 
 def build_objective(args):
-    hparams = {name: getattr(args, flag) for flag, name in HPARAM_FLAGS.items() if getattr(args, flag) is not None}
-    return po_losses.get_loss(args.po_loss, **hparams)
+    """The objective (or weighted mixture) the flags name, with their hyper-parameters."""
+    hparams = po_losses.parse_hparams(args.po_hparam)
+    hparams.update({name: getattr(args, flag) for flag, name in HPARAM_FLAGS.items()
+                    if getattr(args, flag) is not None})
+    weights = po_losses.parse_weights(args.po_loss_weights) if args.po_loss_weights else None
+    return po_losses.build_objective(args.po_loss, weights, hparams)

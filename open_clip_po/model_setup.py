@@ -41,12 +41,14 @@ def explain_bad_pretrained(path, flag: str, error: Exception) -> None:
 
 
 def _load_cache(args, preprocess_train):
-    from open_clip_train.data import expand_urls
-
+    from .data.patterns import expand_shards
     from .ref_cache import CacheError, load_ref_cache
-    from .ref_cache.store import run_signature
+    from .ref_cache.store import existing, run_signature
 
-    urls = expand_urls(args.train_data)[0] + (expand_urls(args.po_reg_data)[0] if args.po_reg_data else [])
+    urls = expand_shards(args.train_data)[0]
+    if args.po_reg_data:
+        urls += expand_shards(args.po_reg_data, flag="--po-reg-data")[0]
+    urls = existing(urls)
     try:
         return load_ref_cache(args.po_ref_cache, run_signature(args, preprocess_train), urls,
                               need_prompts=args.po_candidates == "classes")

@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from ..atomic import write_text
 from ..checkpoint import atomic_save
-from .store import FORMAT, MANIFEST, PROMPTS_FILE, SHARDS_DIR, CacheError, _load, run_signature, shard_entry
+from .store import (FORMAT, MANIFEST, PROMPTS_FILE, SHARDS_DIR, CacheError, _load, existing, run_signature,
+                    shard_entry)
 
 
 def parse_args(argv):
@@ -76,15 +77,14 @@ class _Encoder:
 
 
 def _shard_features(url, kind, encoder, preprocess, tokenize, batch_size) -> dict:
-    from ..data.reader import decode_pair, decode_triplet, group_members, iter_tar_members
+    from ..data.decode import decode_pair, decode_triplet
     from ..data.skips import SkipCounter
-    from webdataset.tariterators import url_opener
+    from ..data.tar import read_samples
 
     counter = SkipCounter()
     decode = decode_triplet if kind == "pref" else decode_pair
     keys, images, captions, chunks = [], [], {}, []
-    members = iter_tar_members(url_opener([{"url": url}]), counter)
-    for sample in group_members(members):
+    for sample in read_samples([url], counter):
         decoded = decode(sample, preprocess, tokenize, counter)
         if decoded is None:
             continue  # counted; training's reader skips the same sample
@@ -107,7 +107,8 @@ def _shard_features(url, kind, encoder, preprocess, tokenize, batch_size) -> dic
 
 def build(args) -> Path:
     import open_clip
-    from open_clip_train.data import expand_urls
+
+    from ..data.patterns import expand_shards
 
     out = Path(args.out)
     rank, world = _distributed()
@@ -120,9 +121,9 @@ def build(args) -> Path:
         output_dict=True, cache_dir=args.cache_dir)
     tokenizer = open_clip.get_tokenizer(name, context_length=args.force_context_length)
     encoder = _Encoder(model, args.precision, device)
-    shards = [(u, "pref") for u in expand_urls(args.train_data)[0]]
+    shards = [(u, "pref") for u in existing(expand_shards(args.train_data)[0])]
     if args.po_reg_data:
-        shards += [(u, "reg") for u in expand_urls(args.po_reg_data)[0]]
+        shards += [(u, "reg") for u in existing(expand_shards(args.po_reg_data, flag="--po-reg-data")[0])]
     mine = shards[rank::world]
     for url, kind in tqdm(mine, desc=f"reference features (rank {rank})", disable=rank != 0 and world > 1):
         target = out / SHARDS_DIR / f"{os.path.basename(url)}.pt"
@@ -143,7 +144,7 @@ def build(args) -> Path:
 
 def _finish(args, out, encoder, tokenizer, model, preprocess_train, shards) -> None:
     if args.po_classnames:
-        from ..main import read_classnames
+        from ..data.classnames import read_classnames
 
         tokens = tokenizer([args.po_template.format(n) for n in read_classnames(args.po_classnames)])
         atomic_save({"tokens": tokens, "text": encoder.texts(tokens)}, out / PROMPTS_FILE)

@@ -38,6 +38,11 @@ def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def existing(urls) -> list[str]:
+    """The shards of an expanded pattern that are there (a brace range may name a few that are not)."""
+    return [u for u in urls if os.path.isfile(u)]
+
+
 def shard_entry(url: str) -> dict:
     """What identifies a shard cheaply at training time: its name and byte size."""
     return {"bytes": os.path.getsize(url)}
