@@ -51,7 +51,7 @@ def _distributed():
     return 0, 1
 
 
-class _Encoder:
+class Encoder:
     """The reference model in no-grad eval mode, under the run's autocast; float32, normalised features."""
 
     def __init__(self, model, precision, device):
@@ -76,7 +76,7 @@ class _Encoder:
         return F.normalize(out.float(), dim=-1).cpu()
 
 
-def _shard_features(url, kind, encoder, preprocess, tokenize, batch_size) -> dict:
+def shard_features(url, kind, encoder, preprocess, tokenize, batch_size) -> dict:
     from ..data.decode import decode_pair, decode_triplet
     from ..data.skips import SkipCounter
     from ..data.tar import read_samples
@@ -120,7 +120,7 @@ def build(args) -> Path:
         image_mean=args.image_mean, image_std=args.image_std, image_interpolation=args.image_interpolation,
         output_dict=True, cache_dir=args.cache_dir)
     tokenizer = open_clip.get_tokenizer(name, context_length=args.force_context_length)
-    encoder = _Encoder(model, args.precision, device)
+    encoder = Encoder(model, args.precision, device)
     shards = [(u, "pref") for u in existing(expand_shards(args.train_data)[0])]
     if args.po_reg_data:
         shards += [(u, "reg") for u in existing(expand_shards(args.po_reg_data, flag="--po-reg-data")[0])]
@@ -133,7 +133,7 @@ def build(args) -> Path:
                 continue  # written by an earlier, interrupted build
             except CacheError:
                 logging.warning(f"{target} is unreadable: computing it again")
-        atomic_save(_shard_features(url, kind, encoder, preprocess_train, lambda t: tokenizer([t])[0],
+        atomic_save(shard_features(url, kind, encoder, preprocess_train, lambda t: tokenizer([t])[0],
                                     args.batch_size), target)
     if world > 1:
         torch.distributed.barrier()
