@@ -82,7 +82,7 @@ def test_po_launch_variables_for_an_array_element(tmp_path):
                            "axes": {"po-loss": ["ce"], "lr": ["1e-3"], "po-linear-head": [True]}, "eval": EVAL}, "g")
     shell = po_launch_shell(grid.runs()[0], tmp_path)
     script = shell + 'printf "%s|" "$NAME" "$LOGS" "$PO_LOSS" "$LR" "$MODEL" "$TRAIN_DATA" "[$PRETRAINED]" "[$REG_DATA]"' \
-                     ' "${PO_BETA-unset}"; printf "\\n%s\\n" "${run_args[@]}"'
+                     ' "${PO_BETA-unset}"; echo; printf "%s\\n" "${run_args[@]}"'
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout.splitlines()
     assert out[0] == f"ce_lr1e-3_head|{tmp_path}|ce|1e-3|po-tiny|s/pref-{{0..1}}.tar|[]|[]|unset|"
     # The flags po_launch has no variable for come after its own, as arguments.

@@ -159,8 +159,9 @@ def grid_from_dict(raw: dict, path: str = "<grid>") -> Grid:
     if not isinstance(launch.get("nproc", 1), int) or launch.get("nproc", 1) < 1:
         raise GridError(f"{path} [launch].nproc must be a whole number >= 1")
     name = raw.get("name", Path(path).stem)
-    return Grid(path=str(path), name=str(name), base=base, axes=axes, points=points, eval=evaluation,
-                launch=launch)
+    grid = Grid(path=str(path), name=str(name), base=base, axes=axes, points=points, eval=evaluation, launch=launch)
+    grid.runs()  # names must be unique: refuse the grid now, not when it is launched
+    return grid
 
 
 def load_grid(path: str | Path) -> Grid:
