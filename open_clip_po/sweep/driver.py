@@ -2,7 +2,8 @@
 
 The steps the launchers call, also as a command line (``python -m open_clip_po.sweep.driver STEP``):
 
-    plan GRID --out RUNS_DIR          write RUNS_DIR/sweep.json; print the indices of the runs still to do
+    plan GRID --out RUNS_DIR          write RUNS_DIR/sweep.json; print the grid's name and the indices of the runs
+                                      still to do (bash: job_name=..., pending=0,2,3)
     element RUNS_DIR --index I        (SLURM) prepare run I's folder; print it as po_launch variables (bash)
     run RUNS_DIR --index I            (local) train run I in a prepared folder, then finish it
     finish RUNS_DIR --index I --train-status S [--log FILE]
@@ -32,6 +33,8 @@ PO_LAUNCH_VARIABLES = {
     "po-average": "PO_AVERAGE",
 }
 ALWAYS_SET = ("PRETRAINED", "REG_DATA")
+# po_launch reads TRAIN_NUM_SAMPLES for its warm-up only: the flag goes on the command line as well.
+ALSO_AS_FLAG = {"train-num-samples"}
 
 
 def train_command(grid: Grid, run: Run, runs_dir: Path) -> list[str]:
@@ -50,7 +53,7 @@ def po_launch_shell(run: Run, runs_dir: Path) -> str:
     for flag, value in run.flags.items():
         if flag in PO_LAUNCH_VARIABLES and not isinstance(value, (list, bool)):
             variables[PO_LAUNCH_VARIABLES[flag]] = str(value)
-        else:
+        if flag not in PO_LAUNCH_VARIABLES or isinstance(value, (list, bool)) or flag in ALSO_AS_FLAG:
             rest[flag] = value
     variables.update(NAME=run.name, LOGS=str(runs_dir))
     lines = [f"{name}={shlex.quote(value)}" for name, value in variables.items()]
@@ -99,13 +102,13 @@ def run_prepared(grid: Grid, run: Run, runs_dir: Path) -> int:
     return finish(grid, run, runs_dir, status, str(Path(runs_dir) / run.name / "sweep.log"))
 
 
-def plan(grid_path: str, runs_dir: Path) -> list[Run]:
-    """Write the plan; return the runs not yet done."""
+def plan(grid_path: str, runs_dir: Path) -> tuple[Grid, list[Run]]:
+    """Write the plan; return the grid and its runs not yet done."""
     grid = load_grid(grid_path)
     runs = grid.runs()
     Path(runs_dir).mkdir(parents=True, exist_ok=True)
     write_plan(grid, runs, runs_dir)
-    return [r for r in runs if run_status(runs_dir, r.name) != "done"]
+    return grid, [r for r in runs if run_status(runs_dir, r.name) != "done"]
 
 
 def _run_at(runs_dir: Path, index: int) -> tuple[Grid, Run]:
@@ -136,8 +139,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.step == "plan":
-            todo = plan(args.grid, Path(args.out).resolve())
-            print(",".join(str(r.index) for r in todo))
+            grid, todo = plan(args.grid, Path(args.out).resolve())
+            print(f"job_name={shlex.quote(grid.name)}\npending={','.join(str(r.index) for r in todo)}")
             return 0
         runs_dir = Path(args.runs_dir).resolve()
         grid, run = _run_at(runs_dir, args.index)

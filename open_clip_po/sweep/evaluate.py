@@ -63,12 +63,12 @@ def reference_of(grid: Grid, run: Run) -> str | None:
     return None if pretrained is None else format_value(pretrained)
 
 
-def eval_cli(argv: list[str], log=None) -> dict:
+def eval_cli(argv: list[str]) -> dict:
     """``python -m open_clip_po.eval ARGV`` in this process; returns the JSON it wrote."""
     from open_clip_po.eval.__main__ import main as eval_main
 
     command = shlex.join([sys.executable, "-m", "open_clip_po.eval", *argv])
-    print(f"sweep: {command}", file=log or sys.stdout, flush=True)
+    print(f"sweep: {command}", flush=True)
     errors = io.StringIO()
     with contextlib.redirect_stderr(errors):
         code = eval_main(argv)

@@ -39,13 +39,15 @@ if [ -z "${SLURM_ARRAY_TASK_ID:-}" ]; then
     : "${LOGS:=logs/$(basename "$grid" .toml)}"
     : "${ARRAY_PARALLEL:=4}"
     po_require_int ARRAY_PARALLEL
-    pending=$("$PYTHON" -m open_clip_po.sweep.driver plan "$grid" --out "$LOGS") || exit 1
+    job_name=
+    pending=
+    plan=$("$PYTHON" -m open_clip_po.sweep.driver plan "$grid" --out "$LOGS") || exit 1
+    eval "$plan"  # job_name (the grid's name), pending (indices of the runs not done, e.g. 0,2,3)
     if [ -z "$pending" ]; then
         echo "open_clip_po sweep: every run of $grid is done in $LOGS; report: $PYTHON -m open_clip_po.eval pareto $LOGS"
         exit 0
     fi
     logs=$(cd "$LOGS" && pwd)
-    job_name=$("$PYTHON" -c 'import sys; from open_clip_po.sweep import load_grid; print(load_grid(sys.argv[1]).name)' "$grid")
     # More sbatch options (partition, time, resources) for every element, split on spaces.
     read -r -a sbatch_args <<< "${SBATCH_ARGS:-}"
     # The element finds this directory and the runs folder through the environment sbatch passes on.
