@@ -121,16 +121,11 @@ def _flags(where: str, table) -> dict:
     return out
 
 
-def grid_from_dict(raw: dict, path: str = "<grid>") -> Grid:
-    unknown = set(raw) - TOP_KEYS
-    if unknown:
-        raise GridError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(TOP_KEYS))})")
-    base = _flags(f"{path} [base]", raw.get("base", {}))
-    axes_raw = raw.get("axes", {})
-    if not isinstance(axes_raw, dict):
+def _axes(path: str, table, base: dict) -> dict:
+    if not isinstance(table, dict):
         raise GridError(f"{path}: [axes] must be a table")
     axes = {}
-    for key, values in axes_raw.items():
+    for key, values in table.items():
         flag = _flag_key(f"{path} [axes]", key)
         if not isinstance(values, list) or not values:
             raise GridError(f"{path} [axes].{flag}: give a non-empty list of values, e.g. {flag} = [1, 2]")
@@ -139,27 +134,46 @@ def grid_from_dict(raw: dict, path: str = "<grid>") -> Grid:
         if flag in base:
             raise GridError(f"{path}: --{flag} is in both [base] and [axes]; keep one")
         axes[flag] = values
+    return axes
+
+
+def _eval_table(path: str, table) -> dict:
+    if not isinstance(table, dict):
+        raise GridError(f"{path}: [eval] must be a table")
+    unknown = set(table) - set(EVAL_KEYS)
+    if unknown:
+        raise GridError(f"{path} [eval]: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(EVAL_KEYS)})")
+    if "images" not in table:
+        raise GridError(f"{path} [eval]: images = ... (the clean evaluation set) is required")
+    if ("typographic" in table) == bool(table.get("attack-on-the-fly")):
+        raise GridError(f"{path} [eval]: give exactly one of typographic = ... and attack-on-the-fly = true")
+    return table
+
+
+def _launch_table(path: str, table) -> dict:
+    if not isinstance(table, dict) or set(table) - LAUNCH_KEYS:
+        raise GridError(f"{path} [launch]: known keys: {', '.join(sorted(LAUNCH_KEYS))}")
+    nproc = table.get("nproc", 1)
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise GridError(f"{path} [launch].nproc must be a whole number >= 1")
+    return table
+
+
+def grid_from_dict(raw: dict, path: str = "<grid>") -> Grid:
+    """Check a parsed grid file; every problem is a GridError naming the file and the key."""
+    unknown = set(raw) - TOP_KEYS
+    if unknown:
+        raise GridError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(TOP_KEYS))})")
+    base = _flags(f"{path} [base]", raw.get("base", {}))
+    axes = _axes(path, raw.get("axes", {}), base)
     points = raw.get("points", [])
     if not isinstance(points, list):
         raise GridError(f"{path}: points must be an array of tables ([[points]])")
     points = [_flags(f"{path} [[points]] #{i + 1}", p) for i, p in enumerate(points)]
     if not axes and not points:
         raise GridError(f"{path}: no runs: give [axes] or [[points]]")
-    evaluation = raw.get("eval", {})
-    if not isinstance(evaluation, dict) or set(evaluation) - set(EVAL_KEYS):
-        raise GridError(f"{path} [eval]: unknown key(s) {sorted(set(evaluation) - set(EVAL_KEYS))} "
-                        f"(known: {', '.join(EVAL_KEYS)})")
-    if "images" not in evaluation:
-        raise GridError(f"{path} [eval]: images = ... (the clean evaluation set) is required")
-    if ("typographic" in evaluation) == bool(evaluation.get("attack-on-the-fly")):
-        raise GridError(f"{path} [eval]: give exactly one of typographic = ... and attack-on-the-fly = true")
-    launch = raw.get("launch", {})
-    if not isinstance(launch, dict) or set(launch) - LAUNCH_KEYS:
-        raise GridError(f"{path} [launch]: known keys: {', '.join(sorted(LAUNCH_KEYS))}")
-    if not isinstance(launch.get("nproc", 1), int) or launch.get("nproc", 1) < 1:
-        raise GridError(f"{path} [launch].nproc must be a whole number >= 1")
-    name = raw.get("name", Path(path).stem)
-    grid = Grid(path=str(path), name=str(name), base=base, axes=axes, points=points, eval=evaluation, launch=launch)
+    grid = Grid(path=str(path), name=str(raw.get("name", Path(path).stem)), base=base, axes=axes, points=points,
+                eval=_eval_table(path, raw.get("eval", {})), launch=_launch_table(path, raw.get("launch", {})))
     grid.runs()  # names must be unique: refuse the grid now, not when it is launched
     return grid
 
