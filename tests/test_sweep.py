@@ -106,6 +106,32 @@ def test_a_broken_run_is_moved_aside_and_a_done_run_is_never_redone(tmp_path):
         prepare_run(tmp_path, run, ["train"])
 
 
+def test_report_lists_failed_and_missing_runs_and_marks_the_front(tmp_path):
+    from open_clip_po.eval.__main__ import main as eval_main
+    from open_clip_po.sweep.runs import record_failure, write_plan
+
+    grid = grid_from_dict({"axes": {"po-loss": ["dpo", "ce"], "lr": ["1e-3", "1e-2"]}, "eval": EVAL}, "g")
+    runs = grid.runs()
+    write_plan(grid, runs, tmp_path)
+    for run, (clean, attacked) in zip(runs[:2], [(0.5, 0.25), (0.5, 0.5)]):
+        folder = prepare_run(tmp_path, run, ["train"])
+        record_done(folder, {"settings": run.settings, "flags": run.flags,
+                             "metrics": {"clean_top1": clean, "typographic_top1": attacked, "written_rate": 0.1,
+                                         "kl_to_ref": 0.2}})
+    record_failure(prepare_run(tmp_path, runs[2], ["train"]), "train", "training exited with status 1: boom",
+                   "/logs/x.out", 1)
+    assert eval_main(["pareto", str(tmp_path), "--no-reference"]) == 0
+    report = {r["name"]: r for r in json.loads((tmp_path / "pareto.json").read_text())["runs"]}
+    assert {n: (r["status"], r.get("pareto")) for n, r in report.items()} == {
+        "dpo_lr1e-3": ("done", False), "dpo_lr1e-2": ("done", True), "ce_lr1e-3": ("failed", None),
+        "ce_lr1e-2": ("pending", None)}
+    md = (tmp_path / "pareto.md").read_text()
+    assert "4 runs: 2 evaluated, 1 failed, 1 missing." in md
+    assert "| ce_lr1e-3 | failed | train: training exited with status 1: boom | /logs/x.out |" in md
+    assert "| ce_lr1e-2 | pending | not started |  |" in md
+    assert (tmp_path / "pareto.csv").read_text().splitlines()[3].startswith("ce_lr1e-3,failed,,ce,1e-3,,,,,train:")
+
+
 # -- end to end on po-tiny -----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

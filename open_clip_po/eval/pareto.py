@@ -124,11 +124,16 @@ def flat_rows(rows: Sequence[dict]) -> list[dict]:
     for row in rows:
         flat = {"name": row["name"], "status": row["status"],
                 "pareto": "" if "pareto" not in row else ("yes" if row["pareto"] else "no")}
-        flat.update({k: _setting(row["settings"].get(k, "")) for k in columns})
+        flat.update({k: _setting(_value(row, k)) for k in columns})
         flat.update({k: row.get("metrics", {}).get(k) for k in METRICS})
         flat.update(error=row.get("error", ""), log=row.get("log") or "")
         out.append(flat)
     return out
+
+
+def _value(row: dict, key: str):
+    """A run's setting, or the base value it kept where only other runs vary it."""
+    return row["settings"].get(key, row.get("flags", {}).get(key, ""))
 
 
 def _setting(value) -> str:
@@ -158,7 +163,7 @@ def markdown(title: str, rows: Sequence[dict], reference: dict | None) -> str:
         m = row["metrics"]
         kl = "" if m.get("kl_to_ref") is None else f"{m['kl_to_ref']:.4g}"
         lines.append(f"| {'★' if row['pareto'] else ''} | {row['name']} | "
-                     + " | ".join(_setting(row["settings"].get(k, "")) for k in columns)
+                     + " | ".join(_setting(_value(row, k)) for k in columns)
                      + f" | {_pct(m['clean_top1'])} | {_pct(m['typographic_top1'])} | {_pct(m['written_rate'])} | {kl} |")
     front = sorted((r for r in done if r["pareto"]), key=lambda r: -r["metrics"]["clean_top1"])
     lines += ["", "Pareto front, from the most clean-accurate to the most robust: "
@@ -182,7 +187,9 @@ def plot_pareto(title: str, rows: Sequence[dict], reference: dict | None, path) 
                     zorder=1)
     groups = [("on the front", lambda r: r["pareto"] and not _is_ce(r), dict(marker="o", color="tab:red")),
               ("dominated", lambda r: not r["pareto"] and not _is_ce(r), dict(marker="o", color="tab:gray")),
-              ("CE baseline", _is_ce, dict(marker="X", color="tab:purple", s=70))]
+              ("CE baseline, on the front", lambda r: r["pareto"] and _is_ce(r),
+               dict(marker="X", color="tab:red", edgecolors="tab:purple", s=90)),
+              ("CE baseline", lambda r: not r["pareto"] and _is_ce(r), dict(marker="X", color="tab:purple", s=70))]
     for label, keep, style in groups:
         chosen = [r for r in done if keep(r)]
         if chosen:
