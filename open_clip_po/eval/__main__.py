@@ -1,4 +1,4 @@
-"""``python -m open_clip_po.eval zeroshot|sweep|gender|kl`` (also ``open-clip-po-eval``).
+"""``python -m open_clip_po.eval zeroshot|sweep|gender|kl|pareto`` (also ``open-clip-po-eval``).
 
 Each subcommand writes a JSON (and CSV where there are rows) plus PNG plots beside it; ``--help``
 on each says which. Errors in the input end the run with one line on stderr and exit status 2.
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{zeroshot,sweep,gender,kl}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{zeroshot,sweep,gender,kl,pareto}")
 
     p = sub.add_parser("zeroshot", help="top-1 on clean and attacked images and the written-class rate",
                        description="Zero-shot top-1 on clean and typographically attacked images and the rate of "
@@ -128,6 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--direction", choices=("forward", "reverse"), default="forward",
                    help="forward: KL(π_θ‖π_ref), the paper's; reverse: KL(π_ref‖π_θ) (default: %(default)s)")
     p.add_argument("--output", default="kl.json", help="JSON path (default: %(default)s)")
+
+    p = sub.add_parser("pareto", help="a sweep's runs in one table and the clean-vs-attacked Pareto front",
+                       description="Collect the runs of python -m open_clip_po.sweep / scripts/slurm/sweep.sh: "
+                                   "OUTPUT.csv and OUTPUT.md (every run's settings and metrics, the front marked, "
+                                   "failed and missing runs listed), OUTPUT.png (scatter with the front, the "
+                                   "reference and the CE baseline) and OUTPUT.json. See docs/sweeps.md.")
+    p.add_argument("runs_dir", help="the sweep's runs folder (--out of python -m open_clip_po.sweep, LOGS of sweep.sh)")
+    p.add_argument("--output", default=None, help="output path without suffix (default: RUNS_DIR/pareto)")
+    p.add_argument("--no-reference", action="store_true",
+                   help="do not evaluate the reference model (a result already in RUNS_DIR/reference/ is still used)")
     return parser
 
 
@@ -139,10 +149,11 @@ def main(argv=None) -> int:
 
     from .gender import run_gender
     from .kl import run_kl
+    from .pareto import run_pareto
     from .sweep import run_sweep
     from .zeroshot import run_zeroshot
 
-    runners = {"zeroshot": run_zeroshot, "sweep": run_sweep, "gender": run_gender, "kl": run_kl}
+    runners = {"zeroshot": run_zeroshot, "sweep": run_sweep, "gender": run_gender, "kl": run_kl, "pareto": run_pareto}
     try:
         runners[args.command](args)
     except (EvalError, CheckpointError) as e:

@@ -16,12 +16,16 @@ po_require_int() {
 }
 
 # The paper's per-objective defaults (ICLR 2025, Sec. 4): beta and lambda of Eq. 14. An explicit PO_BETA /
-# PO_REG_LAMBDA always wins.
+# PO_REG_LAMBDA always wins. The CE baseline has no beta and, by default, no regulariser.
 po_objective_defaults() {
     case "$PO_LOSS" in
         dpo) : "${PO_BETA:=1}" "${PO_REG_LAMBDA:=1}" ;;
         ipo) : "${PO_BETA:=0.01}" "${PO_REG_LAMBDA:=0.01}" ;;
         kto) : "${PO_BETA:=1.5}" "${PO_REG_LAMBDA:=0.01}" ;;
+        ce)
+            [ -z "${PO_BETA:-}" ] || po_die "PO_LOSS=ce has no beta: unset PO_BETA"
+            : "${PO_REG_LAMBDA:=0}"
+            ;;
         *)
             if [ -z "${PO_BETA:-}" ] || [ -z "${PO_REG_LAMBDA:-}" ]; then
                 po_die "PO_LOSS=$PO_LOSS has no paper defaults: set PO_BETA and PO_REG_LAMBDA"
@@ -156,7 +160,7 @@ po_launch() {
     master_port="${MASTER_PORT:-$((20000 + job_id % 20000))}"
 
     local -a train_args=(
-        --po-loss "$PO_LOSS" --po-beta "$PO_BETA" --po-reg-lambda "$PO_REG_LAMBDA"
+        --po-loss "$PO_LOSS" --po-reg-lambda "$PO_REG_LAMBDA"
         --model "$MODEL"
         --train-data "$TRAIN_DATA"
         --logs-dir "$LOGS" --name "$name"
@@ -165,6 +169,9 @@ po_launch() {
         --workers "$workers" --precision "$precision" --dist-backend "$backend"
         --save-frequency 1
     )
+    if [ -n "${PO_BETA:-}" ]; then
+        train_args+=(--po-beta "$PO_BETA")
+    fi
     if [ -n "$PRETRAINED" ]; then
         train_args+=(--pretrained "$PRETRAINED")
     fi
@@ -182,7 +189,7 @@ po_launch() {
         -m open_clip_po.main
     )
 
-    echo "open_clip_po: $PO_LOSS beta=$PO_BETA lambda=$PO_REG_LAMBDA on $nnodes node(s) x $procs process(es)," \
+    echo "open_clip_po: $PO_LOSS beta=${PO_BETA:-none} lambda=$PO_REG_LAMBDA on $nnodes node(s) x $procs process(es)," \
         "batch $BATCH_SIZE/process, warmup $warmup steps, run $LOGS/$name"
     mkdir -p "$LOGS"
     if [ -n "${SLURM_JOB_ID:-}" ]; then
