@@ -1,6 +1,7 @@
-"""Evaluation: clean vs typographic zero-shot accuracy, the t-sweep, gender flipping, KL to the reference.
+"""Evaluation: clean vs typographic zero-shot accuracy, the t-sweep, gender flipping, KL to the reference, and the
+Pareto report of a hyper-parameter sweep.
 
-Command line: ``python -m open_clip_po.eval zeroshot|sweep|gender|kl --help``. In code,
+Command line: ``python -m open_clip_po.eval zeroshot|sweep|gender|kl|pareto --help``. In code,
 ``typographic_eval`` gives O/T accuracy for per-epoch logging during training.
 """
 from .errors import EvalError
