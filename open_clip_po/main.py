@@ -26,7 +26,9 @@ from .averaging import averaged_checkpoint_entry, create_averager
 from .checkpoint import AVERAGE_KEY, HEAD_KEY, atomic_save, load_checkpoint
 from .criterion import POCriterion, POSettings
 from .head import attach_linear_head, has_linear_head
+from .options import check_open_clip_options, plain_clip_run
 from .reference import Reference
+from .seeding import SEEDED_DATA_GLOBALS, seeded_open_clip_data
 from .train import TooManyBadSteps, train_one_epoch as po_train_one_epoch
 
 PATCHED = ("parse_args", "create_model_and_transforms", "get_data", "create_loss", "train_one_epoch",
@@ -92,6 +94,8 @@ def parse_po_args(argv, open_clip_parse_args):
 
 
 def validate(args) -> None:
+    if plain_clip_run(args, po_argument_parser()):
+        return
     if args.po_loss is None:
         raise UsageError("--po-loss is required (one of: " + ", ".join(po_losses.list_losses()) + ")")
     if args.po_loss not in po_losses.list_losses():
@@ -102,10 +106,6 @@ def validate(args) -> None:
         raise UsageError("--po-candidates classes needs --po-classnames FILE")
     if args.po_linear_head and (args.ref_model or args.ref_pretrained):
         raise UsageError("--po-linear-head uses the frozen backbone itself as reference; drop --ref-model/--ref-pretrained")
-    if getattr(args, "distill_model", None) or getattr(args, "distill_pretrained", None):
-        raise UsageError("--distill-* cannot be combined with --po-loss (the reference is PO's teacher)")
-    if getattr(args, "horovod", False):
-        raise UsageError("--horovod is not supported by open_clip_po; use torchrun")
     if args.po_reg_lambda < 0:
         raise UsageError(f"--po-reg-lambda must be >= 0, got {args.po_reg_lambda}")
     if args.po_beta is not None and args.po_beta <= 0:
@@ -121,6 +121,7 @@ def validate(args) -> None:
     if args.po_eval_weights == "average" and args.po_average == "none":
         raise UsageError("--po-eval-weights average needs --po-average bma|ema")
     try:
+        check_open_clip_options(args)
         build_objective(args)
     except (TypeError, ValueError) as e:
         raise UsageError(f"--po-loss {args.po_loss}: {e}".splitlines()[0]) from e
@@ -380,11 +381,13 @@ def read_classnames(path) -> list[str]:
 
 
 @contextlib.contextmanager
-def patched_open_clip_train():
-    """Patch ``open_clip_train.main`` for one PO run; every original is back on exit."""
+def patched_open_clip_train(plain: bool = False):
+    """Patch ``open_clip_train.main`` (and ``.data``) for one run; every original is back on exit."""
+    import open_clip_train.data as ocd
     import open_clip_train.main as ocm
 
     originals = {name: getattr(ocm, name) for name in PATCHED}
+    data_originals = {name: getattr(ocd, name) for name in SEEDED_DATA_GLOBALS}
     session = POSession(originals)
     replacements = {
         "parse_args": session.parse_args,
@@ -396,13 +399,19 @@ def patched_open_clip_train():
         "pt_load": session.pt_load,
         "torch": session.torch_proxy(),
     }
+    if plain:  # open_clip's CLIP training: only the flags, CPU DDP, atomic saves and seeded shuffles
+        replacements = {name: replacements[name] for name in ("parse_args", "torch")}
     try:
         for name, value in replacements.items():
             setattr(ocm, name, value)
+        for name, value in seeded_open_clip_data(lambda: session.args).items():
+            setattr(ocd, name, value)
         yield session
     finally:
         for name, value in originals.items():
             setattr(ocm, name, value)
+        for name, value in data_originals.items():
+            setattr(ocd, name, value)
 
 
 def main(argv=None) -> int:
@@ -413,7 +422,8 @@ def main(argv=None) -> int:
         po_argument_parser().print_help()
         print("\nAll open_clip_train flags are accepted as well (python -m open_clip_train.main --help).")
         return 0
-    with patched_open_clip_train():
+    plain = plain_clip_run(po_argument_parser().parse_known_args(argv)[0], po_argument_parser())
+    with patched_open_clip_train(plain=plain):
         try:
             status = ocm.main(argv)
         except TooManyBadSteps as e:
