@@ -44,7 +44,8 @@ OPTION_RULES = (
     OptionRule("--lock-image", "works", "the image tower is frozen after the reference copy is taken; the "
                "reference keeps its own copy"),
     OptionRule("--lock-text, --lock-text-unlocked-layers N", "works", "fully locked with frozen LayerNorm: the "
-               "reference shares the policy's text features; with unlocked layers it keeps its own text tower"),
+               "reference shares the policy's text features; with unlocked layers it keeps its own text tower "
+               "(open_clip's own text tower also needs --lock-text-freeze-layer-norm)"),
     OptionRule("--torchcompile", "works", "the compiled policy serves the PO criterion; the reference stays "
                "eager"),
     OptionRule("--siglip, SigLIP configs (init_logit_bias)", "works", "the policy is still a softmax over the "

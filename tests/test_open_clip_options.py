@@ -124,7 +124,9 @@ def test_lock_image_trains_only_the_text_side(toy, tmp_path):
 @pytest.mark.slow
 @pytest.mark.integration
 def test_lock_text_with_an_unlocked_layer(toy, tmp_path):
-    session = po(toy, tmp_path, "locktext", "--lock-text", "--lock-text-unlocked-layers", "1")
+    # open_clip's groups from the end: 1 = text_projection, 2 = + last block and ln_final
+    session = po(toy, tmp_path, "locktext", "--lock-text", "--lock-text-freeze-layer-norm",
+                 "--lock-text-unlocked-layers", "2")
     assert not session.reference.shares_text  # the last text layer trains: the reference keeps its own tower
     start, after = load_checkpoint(toy["pretrained"])["state_dict"], ckpt(tmp_path, "locktext")
     assert not any(moved(start, after, "transformer.resblocks.0.").values())

@@ -45,8 +45,14 @@ def _which(name: str) -> str | None:
 
 
 class SlurmCluster:
-    def __init__(self, cpus: int = 2):
-        self.cpus = cpus
+    """munged + slurmctld + one slurmd per node, all on 127.0.0.1.
+
+    With ``nodes > 1`` every node is a slurmd of its own (``slurmd -N name``, own port, spool, pid and log
+    file): SLURM's multiple-slurmd mode, for development and tests — Debian's slurm-wlm is built with it.
+    """
+
+    def __init__(self, cpus: int = 2, nodes: int = 1):
+        self.cpus, self.num_nodes = cpus, nodes
         self.processes: list[subprocess.Popen] = []
         self.root: Path | None = None
 
@@ -63,9 +69,10 @@ class SlurmCluster:
         try:
             self._start_munge()
             self._write_config()
-            for daemon in ("slurmctld", "slurmd"):
-                extra = ["-N", self.node] if daemon == "slurmd" else []
-                self._spawn(daemon, [_which(daemon), "-D", "-f", str(self.conf), *extra])
+            self._spawn("slurmctld", [_which("slurmctld"), "-D", "-f", str(self.conf)])
+            for node in self.nodes:
+                name = "slurmd" if len(self.nodes) == 1 else f"slurmd-{node}"
+                self._spawn(name, [_which("slurmd"), "-D", "-f", str(self.conf), "-N", node])
             self._wait_for_idle_node()
         except BaseException:
             self.stop()
@@ -94,8 +101,21 @@ class SlurmCluster:
 
     def _write_config(self) -> None:
         self.node = socket.gethostname().split(".")[0]
+        host = self.node
+        self.nodes = [self.node] if self.num_nodes == 1 else [f"po{i}" for i in range(self.num_nodes)]
         for sub in ("state", "spool"):
             (self.root / sub).mkdir()
+        if self.num_nodes == 1:
+            slurmd_files = [f"SlurmdPort={_free_port()}", f"SlurmdSpoolDir={self.root / 'spool'}",
+                            f"SlurmdPidFile={self.root / 'slurmd.pid'}", f"SlurmdLogFile={self.root / 'slurmd.log'}"]
+            node_lines = [f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN"]
+        else:  # %n: the node name, so the slurmds do not share files
+            slurmd_files = [f"SlurmdSpoolDir={self.root / 'spool'}/%n", f"SlurmdPidFile={self.root}/slurmd-%n.pid",
+                            f"SlurmdLogFile={self.root}/slurmd-%n.log"]
+            for node in self.nodes:
+                (self.root / "spool" / node).mkdir()
+            node_lines = [f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={_free_port()} "
+                          f"CPUs={self.cpus} State=UNKNOWN" for node in self.nodes]
         self.conf = self.root / "slurm.conf"
         self.conf.write_text("\n".join([
             "ClusterName=potest",
@@ -106,13 +126,10 @@ class SlurmCluster:
             "CredType=cred/munge",
             f"AuthInfo=socket={self.munge_socket}",
             f"SlurmctldPort={_free_port()}",
-            f"SlurmdPort={_free_port()}",
             f"StateSaveLocation={self.root / 'state'}",
-            f"SlurmdSpoolDir={self.root / 'spool'}",
             f"SlurmctldPidFile={self.root / 'slurmctld.pid'}",
-            f"SlurmdPidFile={self.root / 'slurmd.pid'}",
             f"SlurmctldLogFile={self.root / 'slurmctld.log'}",
-            f"SlurmdLogFile={self.root / 'slurmd.log'}",
+            *slurmd_files,
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
             "SelectType=select/cons_tres",
@@ -122,17 +139,17 @@ class SlurmCluster:
             "MpiDefault=none",
             "ReturnToService=2",
             "SchedulerType=sched/builtin",
-            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN",
-            f"PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP",
+            *node_lines,
+            f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP",
             "",
         ]))
 
     def _wait_for_idle_node(self) -> None:
         def idle():
-            out = self.run(["sinfo", "-h", "-o", "%T"], check=False).stdout
-            return out.strip().startswith("idle")
+            out = self.run(["sinfo", "-N", "-h", "-o", "%T"], check=False).stdout.split()
+            return len(out) == len(self.nodes) and all(state.startswith("idle") for state in out)
 
-        self._wait(idle, 30, "the node did not become idle")
+        self._wait(idle, 30, "the nodes did not become idle")
 
     def _wait(self, condition, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -454,3 +471,46 @@ def test_typographic_job_trains_and_checkpoints(slurm, tmp_path):
     ckpt = load_checkpoint(run / "checkpoints" / "epoch_1.pt")
     assert ckpt["epoch"] == 1 and ckpt["name"] == run.name
     assert any(k.endswith("logit_scale") for k in ckpt["state_dict"])
+
+
+@pytest.fixture(scope="module")
+def slurm_two_nodes():
+    cluster = SlurmCluster(cpus=1, nodes=2)
+    try:
+        cluster.start()
+    except SlurmUnavailable as e:
+        pytest.skip(f"no two-node SLURM on loopback: {e}")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.mark.slurm
+@pytest.mark.integration
+@pytest.mark.slow
+def test_two_node_job_meets_through_the_first_nodes_address(slurm_two_nodes, tmp_path):
+    """sbatch --nodes=2 on two slurmds of this machine: one torchrun per node, rendezvous at po0's NodeAddr."""
+    from open_clip_po.checkpoint import load_checkpoint
+
+    slurm = slurm_two_nodes
+    _write_shards(tmp_path / "data", shards=2, per_shard=8)  # one shard per rank
+    (tmp_path / "logs").mkdir()
+    env = {**_without_script_settings(slurm.env), "SLURM_CONF": str(slurm.conf), "GPUS_PER_NODE": "0",
+           "NPROC_PER_NODE": "1", "GLOBAL_BATCH": "8", "EPOCHS": "1", "MODEL": "po-tiny", "PRETRAINED": "",
+           "WORKERS": "0", "DATA_DIR": str(tmp_path / "data"), "LOGS": str(tmp_path / "logs"),
+           "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    job = slurm.submit(["--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=0", "--time=10",
+                        f"--chdir={tmp_path}", str(SCRIPTS / "typographic.sh"), "--log-every-n-steps", "1"],
+                       env=env)
+    state = slurm.wait(job, timeout=480)
+    log_file = tmp_path / "logs" / f"po-typographic-{job}.out"
+    log = log_file.read_text(errors="replace") if log_file.exists() else "(no log file)"
+    assert (state["JobState"], state["ExitCode"]) == ("COMPLETED", "0:0"), log[-4000:]
+    assert state["NodeList"] == "po[0-1]" and state["NumNodes"] == "2"
+    # one launcher per node, each printing the plan
+    assert log.count("open_clip_po: dpo beta=1 lambda=1 on 2 node(s) x 1 process(es), batch 4/process") == 2
+    run = tmp_path / "logs" / f"po-typographic-dpo-{job}"
+    params = (run / "params.txt").read_text()
+    assert "world_size: 2" in params and "batch_size: 4" in params
+    assert "Train Epoch: 0 [16/16 (100%)]" in (run / "out.log").read_text()
+    ckpt = load_checkpoint(run / "checkpoints" / "epoch_1.pt")
+    assert ckpt["epoch"] == 1 and all(k.startswith("module.") for k in ckpt["state_dict"])
