@@ -78,9 +78,12 @@ def test_every_rule_is_in_the_docs_table():
 
 # -- SigLIP: the logit bias cancels in the softmax over candidates ----------------------------------------------
 
+# po-tiny-sigmoid: po-tiny with SigLIP's init_logit_bias (a name with "siglip" in it would make open_clip pick
+# the T5 SigLIP tokenizer, which needs transformers)
+
 def test_siglip_logit_bias_cancels_in_the_policy():
     torch.manual_seed(0)
-    model = open_clip.create_model("po-tiny-siglip", output_dict=True)
+    model = open_clip.create_model("po-tiny-sigmoid", output_dict=True)
     assert model.logit_bias is not None and float(model.logit_bias.detach()) == -10
     images, texts = torch.randn(3, 3, 64, 64), torch.randint(1, 400, (6, 16))
     out = model(images, texts)
@@ -150,9 +153,9 @@ def test_resampled_sources_with_upsampling_factors(toy, tmp_path):
 def test_siglip_config_trains_and_its_bias_gets_no_gradient(toy, tmp_path):
     torch.manual_seed(0)
     pretrained = tmp_path / "siglip.pt"
-    atomic_save({"state_dict": open_clip.create_model("po-tiny-siglip").state_dict()}, pretrained)
+    atomic_save({"state_dict": open_clip.create_model("po-tiny-sigmoid").state_dict()}, pretrained)
     argv = base_args(toy, tmp_path, "siglip", "--po-loss", "dpo", "--siglip", epochs=1)
-    argv[argv.index("po-tiny")], argv[argv.index(toy["pretrained"])] = "po-tiny-siglip", str(pretrained)
+    argv[argv.index("po-tiny")], argv[argv.index(toy["pretrained"])] = "po-tiny-sigmoid", str(pretrained)
     run_in_process(argv)
     after, start = ckpt(tmp_path, "siglip"), load_checkpoint(pretrained)["state_dict"]
     assert torch.equal(after["logit_bias"], start["logit_bias"])  # it cancels: zero gradient, never moves
