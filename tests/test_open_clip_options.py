@@ -176,3 +176,25 @@ def test_delete_previous_checkpoint_and_remote_sync(toy, tmp_path):
     copied = load_checkpoint(remote / "synced" / "checkpoints" / "epoch_2.pt")
     assert copied["po_version"] == open_clip_po.__version__ and copied["epoch"] == 2
     assert (remote / "synced" / "out.log").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_torchcompile_serves_the_criterion(toy, tmp_path, monkeypatch):
+    # dynamo traces the policy as with inductor; aot_eager skips inductor's C++ code generation, which costs
+    # minutes of CPU here and has nothing PO-specific (a full inductor run of this test trains the same way)
+    compiled = []
+    real_compile = torch.compile
+
+    def compile_eagerly(model, **kw):
+        compiled.append(model)
+        return real_compile(model, backend="aot_eager", **kw)
+
+    monkeypatch.setattr(torch, "compile", compile_eagerly)
+    session = po(toy, tmp_path, "compiled", "--torchcompile")
+    assert compiled == [session.model]  # the policy, never the reference
+    start, after = load_checkpoint(toy["pretrained"])["state_dict"], ckpt(tmp_path, "compiled")
+    assert set(after) == set(start)  # saved without torch.compile's _orig_mod. prefix
+    assert any(moved(start, after, "visual.").values())
+    log = (tmp_path / "compiled" / "out.log").read_text()
+    assert "Compiling model..." in log and "Train Epoch: 0 [96/96 (100%)]" in log
