@@ -23,6 +23,7 @@ from open_clip_train.distributed import is_master
 from open_clip_train.precision import get_autocast
 from open_clip_train.train import AverageMeter
 
+from .amp import loss_scale, scaler_skipped_step
 from .head import has_linear_head
 
 try:
@@ -135,11 +136,12 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
         if not last_micro:
             continue
 
+        scale_before = loss_scale(scaler)
         _optimizer_step(model, optimizer, scaler, args)
         optimizer.zero_grad()
         with torch.no_grad():
             core.logit_scale.clamp_(0, math.log(100))  # as open_clip: ln(100)
-        if state is not None:
+        if state is not None and not scaler_skipped_step(scaler, scale_before):
             state.good_step(model)
 
         batch_time_m.update(time.time() - end)
