@@ -18,6 +18,8 @@ import math
 import torch
 from torch import nn
 
+from .unwrap import unwrap
+
 
 def beta_pdf(x: float, gamma: float) -> float:
     """Density of the symmetric Beta(γ, γ) distribution at x ∈ (0, 1)."""
@@ -31,8 +33,7 @@ def bma_weight(step: int, total_steps: int, gamma: float) -> float:
 
 
 def _float_params(model: nn.Module) -> dict[str, torch.Tensor]:
-    model = getattr(model, "module", model)
-    return {name: p for name, p in model.named_parameters() if p.is_floating_point()}
+    return {name: p for name, p in unwrap(model).named_parameters() if p.is_floating_point()}
 
 
 class _Average:
@@ -51,20 +52,23 @@ class _Average:
     def state(self) -> dict:
         return {"num_updates": self.num_updates}
 
-    def load(self, saved: dict) -> None:
-        """Restore from ``po_average`` of a checkpoint (see open_clip_po.checkpoint)."""
-        if saved.get("kind") != self.kind:
-            raise ValueError(f"checkpoint holds {saved.get('kind')} weights, this run averages with {self.kind}")
-        weights = dict(saved["state_dict"])
-        head = saved.get("po_head")
-        if head is not None:
-            weights["po_head.weight"] = head["weight"]
+    def load(self, kind: str, weights: dict, state: dict) -> None:
+        """Restore from a checkpoint's averaged weights (un-prefixed names, head included) and counters."""
+        if kind != self.kind:
+            raise ValueError(f"checkpoint holds {kind} weights, this run averages with {self.kind}")
         missing = set(self.average) - set(weights)
         if missing:
             raise ValueError(f"averaged weights in the checkpoint miss {sorted(missing)[:3]}")
         for name in self.average:
             self.average[name].copy_(weights[name])
-        self.num_updates = int(saved["state"]["num_updates"])
+        self.num_updates = int(state["num_updates"])
+
+    def averaged_state_dict(self, state_dict: dict) -> dict:
+        """``state_dict`` (the live model's, un-prefixed) with every averaged entry replaced by its average."""
+        out = dict(state_dict)
+        for name, avg in self.average.items():
+            out[name] = avg.to(out[name].dtype)
+        return out
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
@@ -95,9 +99,9 @@ class BMA(_Average):
         return {**super().state(), "weight_sum": self.weight_sum, "total_steps": self.total_steps,
                 "gamma": self.gamma}
 
-    def load(self, saved: dict) -> None:
-        super().load(saved)
-        self.weight_sum = float(saved["state"]["weight_sum"])
+    def load(self, kind: str, weights: dict, state: dict) -> None:
+        super().load(kind, weights, state)
+        self.weight_sum = float(state["weight_sum"])
 
 
 class EMA(_Average):
@@ -125,18 +129,3 @@ def create_averager(kind: str, model: nn.Module, total_steps: int, gamma: float,
     if kind == "ema":
         return EMA(model, decay)
     raise ValueError(f"--po-average must be none, bma or ema, got {kind!r}")
-
-
-def averaged_checkpoint_entry(averager, state_dict: dict) -> dict:
-    """The ``po_average`` checkpoint entry: stock state_dict, head apart, and the averager's counters.
-
-    ``state_dict`` is the live model's (un-prefixed); its non-float entries are kept as they are.
-    """
-    state_dict = dict(state_dict)
-    for name, avg in averager.average.items():
-        state_dict[name] = avg.to(state_dict[name].dtype)
-    head = state_dict.pop("po_head.weight", None)
-    entry = {"kind": averager.kind, "state_dict": state_dict, "state": averager.state()}
-    if head is not None:
-        entry["po_head"] = {"weight": head}
-    return entry

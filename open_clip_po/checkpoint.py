@@ -12,29 +12,57 @@ Written by ``open_clip_po.main`` (``logs/NAME/checkpoints/epoch_N.pt``, ``epoch_
           "po_head": {"weight": W_avg},   # only with a head
           "state": {...},           # the averager's counters, for resume
       },
+      "po_reference": {...},        # only when the reference follows the policy (--po-ref-sync-steps)
+      "po_rng": [{...}, ...],       # every rank's RNG states at the end of the epoch, for an exact resume
       "po_version": "0.1.0",
     }
 
-Keeping the head out of ``state_dict`` means every checkpoint loads in stock
+``CheckpointCodec`` is the one place that moves these parts into and out of open_clip's dict; everything else
+reads checkpoints through it or through ``model_weights``. Keeping the head out of ``state_dict`` means every checkpoint loads in stock
 ``open_clip.create_model_and_transforms(name, pretrained=path)`` (without the head);
 ``open_clip_po.svd_scale`` folds the head in when it should count.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .atomic import atomic_path
+from .head import HEAD_ATTR, HEAD_PARAM
 
-HEAD_KEY = "po_head"
+HEAD_KEY = HEAD_ATTR
 AVERAGE_KEY = "po_average"
+REFERENCE_KEY = "po_reference"
+RNG_KEY = "po_rng"
 WEIGHT_CHOICES = ("raw", "bma", "ema")
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message is one line meant for the user."""
+
+
+def _describe(path: Path) -> str:
+    """What a file that is not a checkpoint seems to be, for the error message."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK"):
+        return "a zip archive torch cannot read (a truncated checkpoint, or not one)"
+    if head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"GIF8")):
+        return "an image"
+    if head.lstrip().startswith((b"{", b"[")):
+        return "a JSON/text file"
+    if head.startswith(b"\x80"):
+        return "a legacy (non-zip) pickle"
+    try:
+        head.decode("utf-8")
+        return "a text file"
+    except UnicodeDecodeError:
+        return f"a binary file of {path.stat().st_size} bytes"
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
@@ -44,11 +72,19 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated file, pickle with non-tensor objects, ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}".splitlines()[0]) from e
+    except Exception as e:  # truncated file, pickle with non-tensor objects, not a checkpoint at all, ...
+        what = _describe(path)
+        if what.startswith(("a zip", "a legacy")) and "Weights only load failed" in str(e):
+            what = "a pickle holding objects other than tensors, refused by torch.load(weights_only=True)"
+        elif what.startswith(("a zip", "a legacy", "a binary")):
+            what += f" ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+        raise CheckpointError(f"cannot read checkpoint {path}: {what}") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
     if "state_dict" not in obj:
+        if not obj or not all(torch.is_tensor(v) for v in obj.values()):
+            raise CheckpointError(f"{path} is a dict without 'state_dict' and not a state dict of tensors "
+                                  f"(keys: {', '.join(map(str, list(obj)[:5]))})")
         obj = {"state_dict": obj}
     return obj
 
@@ -57,6 +93,41 @@ def strip_module_prefix(state_dict: dict) -> dict:
     if state_dict and all(k.startswith("module.") for k in state_dict):
         return {k[len("module."):]: v for k, v in state_dict.items()}
     return dict(state_dict)
+
+
+def split_head(state_dict: dict) -> tuple[dict, torch.Tensor | None]:
+    """``(stock state dict, W or None)``: the head's weight taken out (under any "module." prefix)."""
+    stock, head = {}, None
+    for key, value in state_dict.items():
+        if key.removeprefix("module.") == HEAD_PARAM:
+            head = value
+        else:
+            stock[key] = value
+    return stock, head
+
+
+def join_head(state_dict: dict, head: torch.Tensor | None, prefix: str = "") -> dict:
+    """The inverse of :func:`split_head`: W back under the model's parameter name."""
+    joined = dict(state_dict)
+    if head is not None:
+        joined[prefix + HEAD_PARAM] = head
+    return joined
+
+
+def average_entry(averager, state_dict: dict) -> dict:
+    """The ``po_average`` entry: the live (un-prefixed) state dict with the averaged floats, head apart."""
+    stock, head = split_head(averager.averaged_state_dict(strip_module_prefix(state_dict)))
+    entry = {"kind": averager.kind, "state_dict": stock, "state": averager.state()}
+    if head is not None:
+        entry[HEAD_KEY] = {"weight": head}
+    return entry
+
+
+def load_average(averager, entry: dict) -> None:
+    """Restore ``averager`` from a ``po_average`` entry written by :func:`average_entry`."""
+    head = entry.get(HEAD_KEY)
+    averager.load(entry.get("kind"), join_head(entry["state_dict"], None if head is None else head["weight"]),
+                  entry["state"])
 
 
 def model_weights(checkpoint: dict, weights: str = "raw", path: str = "checkpoint"):
@@ -74,6 +145,52 @@ def model_weights(checkpoint: dict, weights: str = "raw", path: str = "checkpoin
     state_dict = strip_module_prefix(source["state_dict"])
     head = source.get(HEAD_KEY)
     return state_dict, (None if head is None else head["weight"])
+
+
+@dataclass
+class TrainingExtras:
+    """What a training checkpoint carries besides open_clip's keys (all optional)."""
+    average: dict | None = None          # a ``po_average`` entry
+    reference: dict | None = None        # the reference's state dict when it follows the policy
+    rng: list | None = field(default=None)  # per-rank RNG states
+
+
+class CheckpointCodec:
+    """Translates between open_clip's checkpoint dict (the model's state_dict with W inside, "module." under
+    DDP) and ours (W and the extras outside ``state_dict``, so stock open_clip loads it)."""
+
+    def __init__(self, *, linear_head: bool):
+        self.linear_head = linear_head
+
+    def encode(self, ckpt: dict, *, averager=None, reference: dict | None = None, rng: list | None = None) -> dict:
+        out = dict(ckpt)
+        out["state_dict"], head = split_head(ckpt["state_dict"])
+        if head is not None:
+            out[HEAD_KEY] = {"weight": head}
+        if averager is not None:
+            out[AVERAGE_KEY] = average_entry(averager, ckpt["state_dict"])
+        if reference is not None:
+            out[REFERENCE_KEY] = reference
+        if rng is not None:
+            out[RNG_KEY] = rng
+        from . import __version__
+
+        out["po_version"] = __version__
+        return out
+
+    def decode(self, ckpt: dict, path, *, distributed: bool) -> tuple[dict, TrainingExtras]:
+        """open_clip's view of a training checkpoint (W inside, "module." under DDP) and its extras."""
+        prefix = "module." if distributed else ""
+        head = ckpt.get(HEAD_KEY)
+        if head is not None and not self.linear_head:
+            raise CheckpointError(f"{path} has a linear head; resume it with --po-linear-head")
+        if head is None and self.linear_head:
+            raise CheckpointError(f"{path} has no linear head; it was not trained with --po-linear-head")
+        state_dict = {prefix + k: v for k, v in strip_module_prefix(ckpt["state_dict"]).items()}
+        decoded = {k: v for k, v in ckpt.items() if k not in (HEAD_KEY, AVERAGE_KEY, REFERENCE_KEY, RNG_KEY)}
+        decoded["state_dict"] = join_head(state_dict, None if head is None else head["weight"], prefix)
+        extras = TrainingExtras(ckpt.get(AVERAGE_KEY), ckpt.get(REFERENCE_KEY), ckpt.get(RNG_KEY))
+        return decoded, extras
 
 
 def atomic_save(obj, path: str | os.PathLike) -> Path:

@@ -1,8 +1,8 @@
 """One PO step's losses (paper Algorithm 1/2): policy and reference features, L_pref + λ L_reg.
 
 ``POCriterion`` is what ``open_clip_po.main`` hands open_clip's trainer in place of its contrastive loss: it
-holds the objective (any registered one), the frozen reference and the settings, and maps a batch
-(see docs/interfaces.md) to ``{"loss": total, <detached metrics>}``.
+holds the objective (any registered one, or a weighted mixture), the reference strategy and the settings, and
+maps a batch (see docs/interfaces.md) to ``{"loss": total, <detached metrics>}``.
 
 One policy forward per step: the pref images and the reg images go through the image tower together, and
 y_w, y_l, the reg captions and (with ``--po-candidates classes``) the class prompts through the text tower
@@ -11,14 +11,13 @@ together — DDP sees exactly one forward before each backward.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import losses as po_losses
-from .head import get_linear_head, has_linear_head
-from .reference import Reference
+from .reference import Features
 
 
 @dataclass
@@ -28,6 +27,19 @@ class POSettings:
     candidates: str = "batch"  # "batch": the global batch's captions; "classes": one prompt per class
     kto_kl: str = "mismatched"  # KTO's reference point z: "mismatched" pairs (TRL) or "exact" KL
     distributed: bool = False
+
+
+class StepText(NamedTuple):
+    """One model's text features of a step, split by role."""
+    chosen: torch.Tensor      # y_w, [B, D]
+    rejected: torch.Tensor    # y_l, [B, D]
+    reg: torch.Tensor         # D_reg captions, [B_reg, D] (empty without a regulariser)
+    prompts: torch.Tensor     # class prompts, [C, D] (empty unless --po-candidates classes)
+
+    @classmethod
+    def split(cls, text: torch.Tensor, n_pref: int, n_reg: int) -> "StepText":
+        chosen, rejected, reg, prompts = text.split([n_pref, n_pref, n_reg, text.shape[0] - 2 * n_pref - n_reg])
+        return cls(chosen, rejected, reg, prompts)
 
 
 def match_prompts(tokens: torch.Tensor, prompt_tokens: torch.Tensor, what: str) -> torch.Tensor:
@@ -40,8 +52,20 @@ def match_prompts(tokens: torch.Tensor, prompt_tokens: torch.Tensor, what: str) 
     return equal.float().argmax(-1)
 
 
+def features_of_distinct_captions(reference, model, images, texts, need_reference: bool):
+    """``reference.step_features`` with each distinct caption encoded once and its features shared by index.
+
+    Captions repeat within a batch (class templates: y_w of one image is y_l of another) — exact, gradients
+    included.
+    """
+    unique, inverse = torch.unique(texts, dim=0, return_inverse=True)
+    policy, ref = reference.step_features(model, images, unique, need_reference)
+    policy = policy._replace(text=policy.text[inverse])
+    return policy, (None if ref is None else ref._replace(text=ref.text[inverse]))
+
+
 class POCriterion(nn.Module):
-    def __init__(self, objective: nn.Module, reference: Reference, settings: POSettings,
+    def __init__(self, objective: nn.Module, reference, settings: POSettings,
                  prompt_tokens: torch.Tensor | None = None):
         super().__init__()
         self.objective, self.reference, self.settings = objective, reference, settings
@@ -50,91 +74,59 @@ class POCriterion(nn.Module):
         self.prompt_tokens = prompt_tokens
         self.needs_reference_features = objective.requires_reference or settings.reg_lambda > 0
 
-    # --- features -------------------------------------------------------------------------------------------
-    def _features(self, model, images, texts):
-        """(policy image, policy text, policy scale, ref image, ref text, ref scale); ref parts are detached.
+    def _pair_logps(self, features: Features, text: StepText, n_pref: int, index: dict | None):
+        image = features.image[:n_pref]
+        if index is not None:
+            return po_losses.pair_logps(image, None, None, features.scale, candidates=text.prompts, **index)
+        return po_losses.pair_logps(image, text.chosen, text.rejected, features.scale,
+                                    gather=self.settings.distributed)
 
-        Captions repeat within a batch (class templates: y_w of one image is y_l of another), so each distinct
-        caption is encoded once and its features shared by index — exact, gradients included.
-        """
-        unique, inverse = torch.unique(texts, dim=0, return_inverse=True)
-        p_img, p_txt, p_scale, r_img, r_txt, r_scale = self._features_of_unique(model, images, unique)
-        return p_img, p_txt[inverse], p_scale, r_img, r_txt[inverse], r_scale
+    def _kl_inputs(self, policy_matrix, ref_matrix, index: dict | None) -> dict:
+        """KTO's reference point: the exact KL over the candidates, or TRL's mismatched pairs."""
+        if not getattr(self.objective, "needs_kl", False):
+            return {}
+        if self.settings.kto_kl == "exact":
+            return {"kl": po_losses.kto_reference_point_exact(policy_matrix, ref_matrix)}
+        chosen_index = None if index is None else index["chosen_index"]
+        policy_kl, ref_kl = po_losses.kto_kl_logps(policy_matrix, ref_matrix, chosen_index=chosen_index)
+        return {"policy_kl_logps": policy_kl, "ref_kl_logps": ref_kl}
 
-    def _features_of_unique(self, model, images, texts):
-        core = getattr(model, "module", model)
-        if has_linear_head(core) and self.reference.is_base_of_head:
-            # Linear-head mode: one frozen backbone pass serves both; only W sees gradients.
-            with torch.no_grad():
-                base_image = core.encode_image_base(images, normalize=False)
-                base_text = core.encode_text_base(texts, normalize=False)
-            head = get_linear_head(core)
-            scale = core.logit_scale.exp()
-            policy = (F.normalize(head(base_image), dim=-1), F.normalize(head(base_text), dim=-1), scale)
-            ref = (F.normalize(base_image, dim=-1), F.normalize(base_text, dim=-1), scale.detach())
-            return (*policy, *ref)
-        out = model(images, texts)
-        policy = (out["image_features"], out["text_features"], out["logit_scale"])
-        if not self.needs_reference_features:
-            # Reference-free objective and no regulariser: stand-ins that no loss reads.
-            return (*policy, policy[0].detach(), policy[1].detach(), policy[2].detach())
-        ref = self.reference.features(images, texts, policy_text_features=policy[1])
-        return (*policy, *ref)
-
-    # --- the step -------------------------------------------------------------------------------------------
     def forward(self, model, batch: dict) -> dict:
         images, chosen, rejected = batch["images"], batch["chosen"], batch["rejected"]
         reg_images, reg_texts = batch.get("reg_images"), batch.get("reg_texts")
         use_reg = reg_images is not None and self.settings.reg_lambda > 0
-        n_pref, n_reg_text = images.shape[0], (reg_texts.shape[0] if use_reg else 0)
+        n_pref, n_reg = images.shape[0], (reg_texts.shape[0] if use_reg else 0)
 
         text_parts = [chosen, rejected] + ([reg_texts] if use_reg else [])
+        index = None
         if self.settings.candidates == "classes":
             prompts = self.prompt_tokens.to(chosen.device)
             text_parts.append(prompts)
-        all_images = torch.cat([images, reg_images]) if use_reg else images
-        p_img, p_txt, p_scale, r_img, r_txt, r_scale = self._features(model, all_images, torch.cat(text_parts))
-
-        def split(text):
-            tw, tl = text[:n_pref], text[n_pref:2 * n_pref]
-            reg = text[2 * n_pref:2 * n_pref + n_reg_text]
-            cand = text[2 * n_pref + n_reg_text:]
-            return tw, tl, reg, cand
-
-        p_tw, p_tl, p_reg_t, p_cand = split(p_txt)
-        r_tw, r_tl, r_reg_t, r_cand = split(r_txt)
-        p_img_pref, r_img_pref = p_img[:n_pref], r_img[:n_pref]
-
-        gather = self.settings.distributed
-        if self.settings.candidates == "classes":
             index = dict(chosen_index=match_prompts(chosen, prompts, "y_w"),
                          rejected_index=match_prompts(rejected, prompts, "y_l"))
-            pc, pr, p_matrix = po_losses.pair_logps(p_img_pref, None, None, p_scale, candidates=p_cand, **index)
-            rc, rr, r_matrix = po_losses.pair_logps(r_img_pref, None, None, r_scale, candidates=r_cand, **index)
-        else:
-            pc, pr, p_matrix = po_losses.pair_logps(p_img_pref, p_tw, p_tl, p_scale, gather=gather)
-            rc, rr, r_matrix = po_losses.pair_logps(r_img_pref, r_tw, r_tl, r_scale, gather=gather)
+        all_images = torch.cat([images, reg_images]) if use_reg else images
+        policy, ref = features_of_distinct_captions(self.reference, model, all_images, torch.cat(text_parts),
+                                                    self.needs_reference_features)
+        p_text = StepText.split(policy.text, n_pref, n_reg)
+        pc, pr, p_matrix = self._pair_logps(policy, p_text, n_pref, index)
 
-        extra = {}
-        if getattr(self.objective, "needs_kl", False):
-            if self.settings.kto_kl == "exact":
-                extra["kl"] = po_losses.kto_reference_point_exact(p_matrix, r_matrix)
-            else:
-                chosen_index = index["chosen_index"] if self.settings.candidates == "classes" else None
-                extra["policy_kl_logps"], extra["ref_kl_logps"] = po_losses.kto_kl_logps(
-                    p_matrix, r_matrix, chosen_index=chosen_index)
-        if self.objective.requires_reference:
-            rc, rr = rc.detach(), rr.detach()
-        else:
-            rc = rr = None
-        out = self.objective(pc, pr, rc, rr, **extra)
+        ref_logps, extra = (None, None), {}
+        if ref is not None:
+            ref = ref.detach()
+            r_text = StepText.split(ref.text, n_pref, n_reg)
+            rc, rr, r_matrix = self._pair_logps(ref, r_text, n_pref, index)
+            extra = self._kl_inputs(p_matrix, r_matrix, index)
+            if self.objective.requires_reference:
+                ref_logps = (rc, rr)
+        out = self.objective(pc, pr, *ref_logps, **extra)
         metrics = {k: v.detach() for k, v in out.items() if k != "loss"}
         metrics["pref_loss"] = out["loss"].detach()
 
         reg = torch.zeros((), device=out["loss"].device)
         if use_reg:
-            reg = po_losses.kl_regulariser(p_img[n_pref:], p_reg_t, r_img[n_pref:], r_reg_t, p_scale, r_scale,
-                                           direction=self.settings.reg_direction, gather=gather)
+            reg = po_losses.kl_regulariser(policy.image[n_pref:], p_text.reg, ref.image[n_pref:], r_text.reg,
+                                           policy.scale, ref.scale, direction=self.settings.reg_direction,
+                                           gather=self.settings.distributed)
             metrics["reg_kl"] = reg.detach()
         total = po_losses.total_loss(out["loss"], reg, self.settings.reg_lambda if use_reg else 0.0)
-        return {"loss": total, "logit_scale": p_scale.detach(), **metrics}
+        return {"loss": total, "logit_scale": policy.scale.detach(), **metrics}

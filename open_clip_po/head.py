@@ -17,7 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-HEAD_ATTR = "po_head"
+from .unwrap import unwrap
+
+HEAD_ATTR = "po_head"  # the submodule's name on the model, and the checkpoint key that stores W
+HEAD_PARAM = f"{HEAD_ATTR}.weight"  # W's name in the model's state_dict
 
 
 class LinearHead(nn.Module):
@@ -46,11 +49,11 @@ def embed_dim_of(model: nn.Module) -> int:
 
 
 def has_linear_head(model: nn.Module) -> bool:
-    return isinstance(getattr(_unwrap(model), HEAD_ATTR, None), LinearHead)
+    return isinstance(getattr(unwrap(model), HEAD_ATTR, None), LinearHead)
 
 
 def get_linear_head(model: nn.Module) -> LinearHead:
-    head = getattr(_unwrap(model), HEAD_ATTR, None)
+    head = getattr(unwrap(model), HEAD_ATTR, None)
     if not isinstance(head, LinearHead):
         raise ValueError("model has no linear head (attach one with attach_linear_head)")
     return head
@@ -58,7 +61,7 @@ def get_linear_head(model: nn.Module) -> LinearHead:
 
 def attach_linear_head(model: nn.Module, weight: torch.Tensor | None = None) -> LinearHead:
     """Give ``model`` a head W (identity unless ``weight``); returns it. Idempotent per model."""
-    model = _unwrap(model)
+    model = unwrap(model)
     if has_linear_head(model):
         raise ValueError("model already has a linear head")
     param = next(model.parameters())
@@ -79,11 +82,3 @@ def attach_linear_head(model: nn.Module, weight: torch.Tensor | None = None) -> 
     model.encode_image = types.MethodType(encode_image, model)
     model.encode_text = types.MethodType(encode_text, model)
     return head
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DDP and torch.compile keep the real model one attribute down.
-    for attr in ("module", "_orig_mod"):
-        if hasattr(model, attr) and isinstance(getattr(model, attr), nn.Module):
-            return _unwrap(getattr(model, attr))
-    return model

@@ -1,22 +1,42 @@
-"""The frozen reference π_ref and the cheapest way to get its features.
+"""The frozen reference π_ref: one strategy per way its features are obtained.
 
-- Default: a copy of the policy taken right after open_clip builds it — before resume, locking, the head or
-  DDP — so it holds exactly the pre-trained weights. ``--ref-model/--ref-pretrained`` build another one.
-- Linear-head mode: the reference is the policy's own backbone without W; no second model exists.
-- Locked, shared text tower: the reference's text features are the policy's (one text forward per step).
-- Otherwise the reference's text features are memoised per caption (``TextFeatureCache``): the reference is
-  frozen, so a caption's features never change, and PO data repeats captions from step to step (class prompts,
-  class-template y_w / y_l). Exact; bounded; keyed by token ids and the autocast state.
+Every strategy answers ``step_features(model, images, texts, need_reference)`` with the policy's and the
+reference's :class:`Features` for one step, so the criterion never asks which kind it has:
 
-The reference is in eval mode, has ``requires_grad`` off, is never DDP-wrapped and never saved.
+- :class:`FrozenCopyReference` — a frozen model: by default a copy of the policy taken right after open_clip
+  builds it (before resume, locking, the head or DDP touch it), or ``--po-ref-model/--po-ref-pretrained``. Its
+  text features are memoised per caption (:class:`TextFeatureCache`): the reference is frozen, so a caption's
+  features never change, and PO data repeats captions from step to step. Exact; bounded; keyed by token ids and
+  the autocast state. It can follow the policy (TR-DPO: ``θ_ref ← α θ + (1 − α) θ_ref``, :meth:`sync_from`).
+- :class:`SharedTextReference` — the same, when the text tower is locked and shared: the reference's text
+  features are the policy's (one text forward per step).
+- :class:`HeadBaseReference` — linear-head mode: the reference is the policy's own backbone without W, so one
+  frozen backbone pass serves both and no second model exists.
+
+A reference is in eval mode, has ``requires_grad`` off and is never DDP-wrapped.
 """
 from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from .head import get_linear_head
+from .unwrap import unwrap
+
+
+class Features(NamedTuple):
+    """L2-normalised image and text features and the exponentiated logit scale of one model."""
+    image: torch.Tensor
+    text: torch.Tensor
+    scale: torch.Tensor
+
+    def detach(self) -> "Features":
+        return Features(self.image.detach(), self.text.detach(), self.scale.detach())
 
 
 class TextFeatureCache:
@@ -67,32 +87,107 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-class Reference:
-    def __init__(self, model: nn.Module | None, *, is_base_of_head: bool = False, shares_text: bool = False,
-                 text_cache_size: int = 8192):
-        if model is None and not is_base_of_head:
-            raise ValueError("a reference needs a model unless it is the policy's own backbone (linear head)")
-        self.model = None if model is None else freeze(model)
-        self.is_base_of_head = is_base_of_head
-        self.shares_text = shares_text
+def policy_features(model: nn.Module, images: torch.Tensor, texts: torch.Tensor) -> Features:
+    """The policy's forward (through DDP when wrapped, so DDP sees exactly one forward per backward)."""
+    out = model(images, texts)
+    return Features(out["image_features"], out["text_features"], out["logit_scale"])
+
+
+class FrozenCopyReference:
+    """A frozen open_clip model as π_ref."""
+
+    holds_model = True
+
+    def __init__(self, model: nn.Module, text_cache_size: int = 8192):
+        self.model = freeze(model)
         self.text_cache = TextFeatureCache(text_cache_size)
 
-    @classmethod
-    def copy_of(cls, policy: nn.Module, **kwargs) -> "Reference":
-        return cls(copy.deepcopy(policy), **kwargs)
-
     @torch.no_grad()
-    def features(self, images: torch.Tensor, texts: torch.Tensor, policy_text_features: torch.Tensor | None = None):
-        """(image features, text features, logit scale) of π_ref, normalised and detached."""
-        if self.model is None:
-            raise RuntimeError("linear-head reference features come from the policy's backbone (criterion)")
+    def features(self, images: torch.Tensor, texts: torch.Tensor,
+                 policy_text_features: torch.Tensor | None = None) -> Features:
+        """π_ref's normalised, detached features."""
         self.model.eval()  # open_clip's train() calls never reach it, but be sure dropout stays off
         image = self.model.encode_image(images, normalize=True)
-        if self.shares_text and policy_text_features is not None:
-            text = policy_text_features.detach()
-        else:
-            text = self.text_cache.features(texts, lambda t: self.model.encode_text(t, normalize=True))
-        return image, text, self.model.logit_scale.exp()
+        text = self._text_features(texts, policy_text_features)
+        return Features(image, text, self.model.logit_scale.exp())
+
+    def _text_features(self, texts, policy_text_features):
+        return self.text_cache.features(texts, lambda t: self.model.encode_text(t, normalize=True))
+
+    def step_features(self, model, images, texts, need_reference: bool = True) -> tuple[Features, Features | None]:
+        policy = policy_features(model, images, texts)
+        return policy, (self.features(images, texts, policy.text) if need_reference else None)
+
+    @torch.no_grad()
+    def sync_from(self, policy: nn.Module, alpha: float) -> None:
+        """TR-DPO's soft update ``θ_ref ← α θ + (1 − α) θ_ref`` (floating-point entries; α = 1 copies)."""
+        live = unwrap(policy).state_dict()
+        for name, value in self.model.state_dict().items():
+            if value.is_floating_point():
+                value.mul_(1 - alpha).add_(live[name].detach().to(value.dtype), alpha=alpha)
+        self.text_cache.clear()  # memoised features belong to the old weights
+
+    def state_dict(self) -> dict:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.model.load_state_dict(state_dict)
+        self.text_cache.clear()
 
     def parameters(self):
-        return [] if self.model is None else list(self.model.parameters())
+        return list(self.model.parameters())
+
+
+class SharedTextReference(FrozenCopyReference):
+    """A frozen copy whose text tower is the policy's own, locked one: its text features are reused."""
+
+    def _text_features(self, texts, policy_text_features):
+        if policy_text_features is None:
+            return super()._text_features(texts, None)
+        return policy_text_features.detach()
+
+
+class HeadBaseReference:
+    """Linear-head mode: π_ref is the policy's backbone without W; only W sees gradients."""
+
+    holds_model = False
+    model = None
+
+    def step_features(self, model, images, texts, need_reference: bool = True) -> tuple[Features, Features]:
+        core = unwrap(model)
+        with torch.no_grad():
+            base_image = core.encode_image_base(images, normalize=False)
+            base_text = core.encode_text_base(texts, normalize=False)
+        head = get_linear_head(core)
+        scale = core.logit_scale.exp()
+        policy = Features(F.normalize(head(base_image), dim=-1), F.normalize(head(base_text), dim=-1), scale)
+        reference = Features(F.normalize(base_image, dim=-1), F.normalize(base_text, dim=-1), scale.detach())
+        return policy, reference
+
+    def parameters(self):
+        return []
+
+
+def make_reference(model: nn.Module | None = None, *, is_base_of_head: bool = False, shares_text: bool = False,
+                   text_cache_size: int = 8192):
+    """The strategy for a reference model (``None`` with ``is_base_of_head``: the policy's own backbone)."""
+    if is_base_of_head:
+        if model is not None:
+            raise ValueError("a linear-head reference is the policy's own backbone; pass no model")
+        return HeadBaseReference()
+    if model is None:
+        raise ValueError("a reference needs a model unless it is the policy's own backbone (linear head)")
+    kind = SharedTextReference if shares_text else FrozenCopyReference
+    return kind(model, text_cache_size)
+
+
+class Reference:
+    """``Reference(model, is_base_of_head=..., shares_text=...)`` and ``Reference.copy_of(policy, ...)``: the
+    constructor names used before the strategies had names of their own; both return a strategy."""
+
+    def __new__(cls, model: nn.Module | None = None, **kwargs):
+        return make_reference(model, **kwargs)
+
+    @staticmethod
+    def copy_of(policy: nn.Module, **kwargs):
+        return make_reference(copy.deepcopy(policy), **kwargs)

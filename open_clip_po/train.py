@@ -1,13 +1,17 @@
 """One PO epoch, with open_clip's ``train_one_epoch`` signature so the seam can put it in its place.
 
-Follows open_clip's loop (scheduler per step, AMP + GradScaler, grad clipping, logit-scale clamp, logging to
-the text log, tensorboard and wandb) with PO's differences:
-- the "loss" argument is a ``POCriterion`` (policy + frozen reference → L_pref + λ L_reg);
+It reuses open_clip's pieces (autocast and input dtype, ``backward``, ``AverageMeter``, the logit-scale clamp,
+the step log's fields) and keeps only what PO changes:
+- the "loss" argument is a ``POCriterion`` (policy + reference → L_pref + λ L_reg) that takes the whole batch;
 - gradient accumulation is plain (PO losses are per-sample means, so no feature cache is needed): each
   micro-batch backpropagates loss / accum_freq, DDP syncs on the last one only;
-- a non-finite loss skips the step on every rank (they agree through one all-reduce) with a warning;
-  ``--po-max-bad-steps`` in a row stop the run with a checkpoint of the last good weights;
-- weight averaging (BMA/EMA) is updated after every optimizer step; bad-sample counts are logged per epoch.
+- every rank ends the epoch at the same micro-batch: before each one the ranks agree that all of them have a
+  batch (a rank whose shards held bad samples runs out first; without this the others would wait forever in
+  the next collective); how many samples each rank really trained on is logged;
+- a non-finite loss skips the step on every rank (they agree through one all-reduce) — ``hooks.bad_step``;
+- in linear-head mode W's gradient is averaged across ranks by hand (no DDP there);
+- ``hooks`` (``open_clip_po.hooks.TrainingHooks``) run at epoch start/end and after each good step;
+- an epoch with no optimizer step is an error naming the data, not a run that "succeeds" untrained.
 """
 from __future__ import annotations
 
@@ -21,10 +25,12 @@ import torch.distributed as dist
 from open_clip import get_input_dtype
 from open_clip_train.distributed import is_master
 from open_clip_train.precision import get_autocast
-from open_clip_train.train import AverageMeter
+from open_clip_train.train import AverageMeter, backward
 
 from .amp import loss_scale, scaler_skipped_step
-from .head import has_linear_head
+from .head import get_linear_head
+from .hooks import TooManyBadSteps  # noqa: F401  (raised through hooks; importable from here as before)
+from .unwrap import unwrap
 
 try:
     import wandb
@@ -32,8 +38,8 @@ except ImportError:  # open_clip treats wandb as optional too
     wandb = None
 
 
-class TooManyBadSteps(RuntimeError):
-    pass
+class NoTrainingSteps(RuntimeError):
+    """An epoch ended without a single optimizer step."""
 
 
 def _to_device(batch: dict, device, input_dtype) -> dict:
@@ -49,6 +55,7 @@ def _to_device(batch: dict, device, input_dtype) -> dict:
 
 
 def _any_rank(flag: bool, device) -> bool:
+    """True on every rank if ``flag`` is true on any (one tiny all-reduce)."""
     if not (dist.is_available() and dist.is_initialized()):
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
@@ -58,8 +65,8 @@ def _any_rank(flag: bool, device) -> bool:
 
 def _sync_head_grad(model, args) -> None:
     # Linear-head mode runs without DDP (only W trains): average W's gradient by hand.
-    if args.distributed and has_linear_head(model) and getattr(args, "po_linear_head", False):
-        grad = getattr(model, "module", model).po_head.weight.grad
+    if args.distributed and getattr(args, "po_linear_head", False):
+        grad = get_linear_head(model).weight.grad
         if grad is not None:
             dist.all_reduce(grad)
             grad.div_(args.world_size)
@@ -78,16 +85,40 @@ def _optimizer_step(model, optimizer, scaler, args) -> None:
         if args.grad_clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, args.grad_clip_norm, norm_type=2.0)
         optimizer.step()
+    optimizer.zero_grad()
+    with torch.no_grad():
+        unwrap(model).logit_scale.clamp_(0, math.log(100))  # as open_clip: ln(100)
+
+
+def _forward_backward(model, criterion, batch, last_micro, autocast, scaler, args) -> tuple[dict, bool]:
+    """One micro-batch: the criterion's output and whether its loss is finite on every rank (if not, no rank ran
+    a backward). DDP syncs gradients on the last micro-batch of an accumulation group only."""
+    sync = contextlib.nullcontext() if (last_micro or not hasattr(model, "no_sync")) else model.no_sync()
+    with sync:
+        with autocast():
+            out = criterion(model, batch)
+        finite = not _any_rank(not bool(torch.isfinite(out["loss"]).item()), torch.device(args.device))
+        if finite:
+            backward(out["loss"] / args.accum_freq, scaler)
+    return out, finite
+
+
+def _samples_per_rank(count: int, device) -> list[int]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return [count]
+    t = torch.zeros(dist.get_world_size(), dtype=torch.long, device=device)
+    t[dist.get_rank()] = count
+    dist.all_reduce(t)
+    return t.tolist()
 
 
 def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=None,
-                    state=None):
-    """``loss`` is a POCriterion; ``state`` (from the seam) carries the averager, skip ledger and bad-step hook."""
-    criterion = loss
+                    hooks=None, state=None):
+    """``loss`` is a POCriterion; ``hooks`` (``state`` is its older name) a TrainingHooks, or None."""
+    criterion, hooks = loss, hooks if hooks is not None else state
     device = torch.device(args.device)
     autocast = get_autocast(args.precision, device_type=device.type)
     input_dtype = get_input_dtype(args.precision)
-    core = getattr(model, "module", model)
 
     model.train()
     if getattr(args, "po_linear_head", False):
@@ -96,92 +127,107 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
     dataloader = data["train"].dataloader
     accum = args.accum_freq
     num_batches_per_epoch = dataloader.num_batches // accum
-    sample_digits = math.ceil(math.log(dataloader.num_samples + 1, 10))
+    if hooks is not None:
+        hooks.start_of_epoch(epoch, num_batches_per_epoch, is_master(args))
+    log = _StepLog(args, epoch, num_batches_per_epoch, dataloader.num_samples, tb_writer)
 
-    meters, batch_time_m, data_time_m = {}, AverageMeter(), AverageMeter()
-    end = time.time()
     optimizer.zero_grad()
-    step_outputs = []
-    for i, batch in enumerate(dataloader):
+    step_outputs, steps, samples, end = [], 0, 0, time.time()
+    group_samples = 0  # samples of the accumulation group under way; they count once its step is taken
+    batches = iter(dataloader)
+    for i in range(num_batches_per_epoch * accum):  # a ragged tail that cannot fill a step is left out
+        batch = next(batches, None)
+        if _any_rank(batch is None, device):
+            break  # some rank has run out: all stop here, together
         i_accum = i // accum
         step = num_batches_per_epoch * epoch + i_accum
-        if i_accum >= num_batches_per_epoch:
-            break  # a ragged tail of micro-batches that cannot fill an accumulation step
-        if state is not None:
-            state.ledger.add(batch.get("skipped", {}))
+        if hooks is not None:
+            hooks.ledger.add(batch.get("skipped", {}))
         if not args.skip_scheduler and scheduler is not None:
             scheduler(step)
         batch = _to_device(batch, device, input_dtype)
-        data_time_m.update(time.time() - end)
+        log.data_time.update(time.time() - end)
 
         last_micro = (i + 1) % accum == 0
-        sync = contextlib.nullcontext() if (last_micro or not hasattr(model, "no_sync")) else model.no_sync()
-        with sync:
-            with autocast():
-                out = criterion(model, batch)
-            finite = bool(torch.isfinite(out["loss"]).item())
-            if _any_rank(not finite, device):
-                optimizer.zero_grad()
-                step_outputs = []
-                if state is not None:
-                    state.bad_step(model, optimizer, scaler, epoch, out)
-                end = time.time()
-                continue
-            total = out["loss"] / accum
-            if scaler is not None:
-                scaler.scale(total).backward()
-            else:
-                total.backward()
+        out, finite = _forward_backward(model, criterion, batch, last_micro, autocast, scaler, args)
+        if not finite:
+            optimizer.zero_grad()
+            step_outputs, group_samples = [], 0
+            if hooks is not None:
+                hooks.bad_step(model, optimizer, scaler, epoch, out["loss"])
+            end = time.time()
+            continue
         step_outputs.append(out)
+        group_samples += batch["images"].shape[0]
         if not last_micro:
             continue
 
         scale_before = loss_scale(scaler)
         _optimizer_step(model, optimizer, scaler, args)
-        optimizer.zero_grad()
-        with torch.no_grad():
-            core.logit_scale.clamp_(0, math.log(100))  # as open_clip: ln(100)
-        if state is not None and not scaler_skipped_step(scaler, scale_before):
-            state.good_step(model)
-
-        batch_time_m.update(time.time() - end)
+        steps, samples, group_samples = steps + 1, samples + group_samples, 0
+        if hooks is not None and not scaler_skipped_step(scaler, scale_before):
+            hooks.good_step(step)
+        log.batch_time.update(time.time() - end)
         end = time.time()
-        batch_count = i_accum + 1
-        if is_master(args) and (i_accum % args.log_every_n_steps == 0 or batch_count == num_batches_per_epoch):
-            _log_step(step_outputs, meters, batch_time_m, data_time_m, optimizer, args, epoch, step, batch_count,
-                      num_batches_per_epoch, dataloader.num_samples, sample_digits, batch["images"].shape[0],
-                      tb_writer)
+        log.step(step_outputs, optimizer, step, i_accum + 1, batch["images"].shape[0])
         step_outputs = []
 
-    if state is not None:
-        state.end_of_epoch(epoch)
-    return {name: m.avg for name, m in meters.items()}
+    optimizer.zero_grad()  # a partial accumulation group at an early end is dropped, not carried over
+    _end_of_epoch(epoch, steps, samples, num_batches_per_epoch, device, args)
+    if hooks is not None:
+        hooks.end_of_epoch(epoch)
+    return {name: m.avg for name, m in log.meters.items()}
 
 
-def _log_step(step_outputs, meters, batch_time_m, data_time_m, optimizer, args, epoch, step, batch_count,
-              num_batches_per_epoch, samples_per_epoch, sample_digits, batch_size, tb_writer):
-    values = {}
-    for key in step_outputs[0]:
-        values[key] = sum(float(o[key].detach()) for o in step_outputs) / len(step_outputs)
-    logit_scale = values.pop("logit_scale")
-    for key, value in values.items():
-        meters.setdefault(key, AverageMeter()).update(value, batch_size)
-    num_samples = batch_count * batch_size * args.accum_freq * args.world_size
-    percent = 100.0 * batch_count / num_batches_per_epoch
-    per_second = args.accum_freq * args.batch_size * args.world_size / max(batch_time_m.val, 1e-9)
-    shown = " ".join(f"{k}: {m.val:#.5g} ({m.avg:#.5g})" for k, m in meters.items())
-    logging.info(
-        f"Train Epoch: {epoch} [{num_samples:>{sample_digits}}/{samples_per_epoch} ({percent:.0f}%)] "
-        f"Data (t): {data_time_m.avg:.3f} Batch (t): {batch_time_m.avg:.3f}, {per_second:#g}/s "
-        f"LR: {optimizer.param_groups[0]['lr']:5f} Logit Scale: {logit_scale:.3f} {shown}")
-    log_data = {"data_time": data_time_m.val, "batch_time": batch_time_m.val, "samples_per_second": per_second,
-                "scale": logit_scale, "lr": optimizer.param_groups[0]["lr"]}
-    log_data.update({k: m.val for k, m in meters.items()})
-    log_data = {"train/" + k: v for k, v in log_data.items()}
-    if tb_writer is not None:
-        for k, v in log_data.items():
-            tb_writer.add_scalar(k, v, step)
-    if args.wandb and wandb is not None:
-        wandb.log({**log_data, "step": step}, step=step)
-    batch_time_m.reset()
-    data_time_m.reset()
+def _end_of_epoch(epoch, steps, samples, planned_steps, device, args) -> None:
+    per_rank = _samples_per_rank(samples, device)
+    if is_master(args):
+        logging.info(f"Train Epoch: {epoch} done: {steps}/{planned_steps} optimizer steps; samples trained on "
+                     f"per rank: {per_rank}")
+    if steps == 0:
+        raise NoTrainingSteps(
+            f"epoch {epoch} made no optimizer step: --train-data {args.train_data} gave "
+            f"{'no batch' if max(per_rank) == 0 else 'too few batches'} on at least one rank "
+            f"(samples per rank: {per_rank}; see the bad-sample counts above)")
+
+
+class _StepLog:
+    """open_clip's step log (text log, tensorboard, wandb) with the same fields, and PO's losses and rewards."""
+
+    def __init__(self, args, epoch, num_batches_per_epoch, samples_per_epoch, tb_writer):
+        self.args, self.epoch, self.tb_writer = args, epoch, tb_writer
+        self.num_batches_per_epoch, self.samples_per_epoch = num_batches_per_epoch, samples_per_epoch
+        self.sample_digits = math.ceil(math.log(samples_per_epoch + 1, 10))
+        self.meters, self.batch_time, self.data_time = {}, AverageMeter(), AverageMeter()
+
+    def step(self, step_outputs, optimizer, step, batch_count, batch_size) -> None:
+        args = self.args
+        if not is_master(args) or not ((batch_count - 1) % args.log_every_n_steps == 0
+                                       or batch_count == self.num_batches_per_epoch):
+            return
+        values = {key: sum(float(o[key].detach()) for o in step_outputs) / len(step_outputs)
+                  for key in step_outputs[0]}
+        logit_scale = values.pop("logit_scale")
+        for key, value in values.items():
+            self.meters.setdefault(key, AverageMeter()).update(value, batch_size)
+        num_samples = batch_count * batch_size * args.accum_freq * args.world_size
+        percent = 100.0 * batch_count / self.num_batches_per_epoch
+        per_second = args.accum_freq * args.batch_size * args.world_size / max(self.batch_time.val, 1e-9)
+        per_second_per_gpu = args.accum_freq * args.batch_size / max(self.batch_time.val, 1e-9)
+        shown = " ".join(f"{k}: {m.val:#.5g} ({m.avg:#.5g})" for k, m in self.meters.items())
+        lr = optimizer.param_groups[0]["lr"]
+        logging.info(
+            f"Train Epoch: {self.epoch} [{num_samples:>{self.sample_digits}}/{self.samples_per_epoch} "
+            f"({percent:.0f}%)] Data (t): {self.data_time.avg:.3f} Batch (t): {self.batch_time.avg:.3f}, "
+            f"{per_second:#g}/s, {per_second_per_gpu:#g}/s/gpu LR: {lr:5f} Logit Scale: {logit_scale:.3f} {shown}")
+        log_data = {"data_time": self.data_time.val, "batch_time": self.batch_time.val,
+                    "samples_per_second": per_second, "samples_per_second_per_gpu": per_second_per_gpu,
+                    "scale": logit_scale, "lr": lr, **{k: m.val for k, m in self.meters.items()}}
+        log_data = {"train/" + k: v for k, v in log_data.items()}
+        if self.tb_writer is not None:
+            for k, v in log_data.items():
+                self.tb_writer.add_scalar(k, v, step)
+        if args.wandb and wandb is not None:
+            wandb.log({**log_data, "step": step}, step=step)
+        self.batch_time.reset()  # per log window, as open_clip
+        self.data_time.reset()

@@ -9,7 +9,12 @@ import torch
 
 from open_clip_po.amp import loss_scale, scaler_skipped_step
 from open_clip_po.checkpoint import load_checkpoint
-from test_train import base_args, run_in_process, toy  # noqa: F401  (toy is a fixture)
+from train_helpers import base_args, make_toy, run_in_process
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return make_toy(tmp_path_factory.mktemp("toy"))
 
 
 def one_step(scaler, factor: float):

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from open_clip_po.averaging import BMA, EMA, averaged_checkpoint_entry, beta_pdf, bma_weight
+from open_clip_po.averaging import BMA, EMA, beta_pdf, bma_weight
+from open_clip_po.checkpoint import average_entry, load_average
 
 
 def test_beta_pdf_matches_closed_form():
@@ -51,14 +52,14 @@ def test_checkpoint_entry_round_trip_restores_average_and_counters():
     thetas = [torch.randn(1, 2) for _ in range(4)]
     avg = _run(BMA, thetas, total_steps=6, gamma=0.7)
     model = nn.Linear(2, 1, bias=False)
-    entry = averaged_checkpoint_entry(avg, model.state_dict())
+    entry = average_entry(avg, model.state_dict())
     assert entry["kind"] == "bma" and entry["state"]["num_updates"] == 3
     fresh = BMA(model, total_steps=6, gamma=0.7)
-    fresh.load(entry)
+    load_average(fresh, entry)
     torch.testing.assert_close(fresh.average["weight"], avg.average["weight"])
     assert fresh.weight_sum == pytest.approx(avg.weight_sum) and fresh.num_updates == 3
     with pytest.raises(ValueError, match="holds bma weights"):
-        EMA(model).load(entry)
+        load_average(EMA(model), entry)
 
 
 def test_copy_to_puts_the_average_into_the_model():

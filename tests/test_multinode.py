@@ -18,8 +18,8 @@ import torch
 import open_clip
 import open_clip_po  # noqa: F401
 from launch_helpers import losses_by_epoch, probe_records, run_single_node, run_two_nodes
-from open_clip_po.checkpoint import atomic_save, load_checkpoint
-from po_toy import write_toy_shards
+from open_clip_po.checkpoint import load_checkpoint
+from train_helpers import make_toy
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 NUM_SAMPLES, PER_SHARD, BATCH = 64, 16, 4  # 4 shards: one per rank; global batch 16 → 4 steps per epoch
@@ -27,12 +27,7 @@ NUM_SAMPLES, PER_SHARD, BATCH = 64, 16, 4  # 4 shards: one per rank; global batc
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("multinode")
-    patterns = write_toy_shards(root / "shards", num_samples=NUM_SAMPLES, per_shard=PER_SHARD)
-    torch.manual_seed(0)
-    pretrained = root / "pretrained.pt"
-    atomic_save({"state_dict": open_clip.create_model("po-tiny").state_dict()}, pretrained)
-    return {**patterns, "pretrained": str(pretrained), "root": root}
+    return make_toy(tmp_path_factory.mktemp("multinode"), num_samples=NUM_SAMPLES, per_shard=PER_SHARD)
 
 
 def train_args(toy, logs: Path, name: str, epochs: int, *extra) -> list[str]:

@@ -19,9 +19,14 @@ from open_clip_po.checkpoint import atomic_save, load_checkpoint
 from open_clip_po.main import main, po_argument_parser
 from open_clip_po.options import check_open_clip_options, list_option_rules, plain_clip_run
 from po_toy import write_toy_shards
-from test_train import base_args, run_in_process, toy  # noqa: F401  (toy is a fixture)
+from train_helpers import base_args, make_toy, run_in_process
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return make_toy(tmp_path_factory.mktemp("toy"))
 
 
 def ckpt(tmp_path, name, epoch=1):

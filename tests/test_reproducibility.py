@@ -13,21 +13,17 @@ import open_clip
 import open_clip_po  # noqa: F401
 import open_clip_train.data as ocd
 from launch_helpers import losses_by_epoch, probe_records, run_single_node
-from open_clip_po.checkpoint import atomic_save
 from open_clip_po.main import patched_open_clip_train
 from open_clip_po.seeding import SEEDED_DATA_GLOBALS
 from po_toy import write_toy_shards
+from train_helpers import make_toy
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("repro")
-    patterns = write_toy_shards(root / "shards", num_samples=64, per_shard=16)
-    other = write_toy_shards(root / "other", num_samples=32, per_shard=16, seed=1)
-    torch.manual_seed(0)
-    pretrained = root / "pretrained.pt"
-    atomic_save({"state_dict": open_clip.create_model("po-tiny").state_dict()}, pretrained)
-    return {**patterns, "other_reg": other["reg"], "pretrained": str(pretrained), "root": root}
+    toy = make_toy(tmp_path_factory.mktemp("repro"), num_samples=64, per_shard=16)
+    other = write_toy_shards(toy["root"] / "other", num_samples=32, per_shard=16, seed=1)
+    return {**toy, "other_reg": other["reg"]}
 
 
 def clip_args(train_data, seed=0, **kw):

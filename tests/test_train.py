@@ -1,4 +1,4 @@
-"""End-to-end training through open_clip's own trainer (issue 5), on po-tiny and the toy preference shards."""
+"""End-to-end training through open_clip's own trainer, on po-tiny and the toy preference shards."""
 from __future__ import annotations
 
 import math
@@ -15,50 +15,14 @@ import open_clip_po  # noqa: F401
 import open_clip_train.main as ocm
 from open_clip_po.checkpoint import atomic_save, create_model_from_checkpoint, load_checkpoint
 from open_clip_po.main import PATCHED, patched_open_clip_train
-from po_toy import write_toy_shards
+from train_helpers import REPO, base_args, make_toy, run_cli, run_in_process
 
 pytestmark = [pytest.mark.integration]
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    patterns = write_toy_shards(root / "shards", num_samples=96, per_shard=48)
-    torch.manual_seed(0)
-    model = open_clip.create_model("po-tiny")
-    pretrained = root / "pretrained.pt"
-    atomic_save({"state_dict": model.state_dict()}, pretrained)
-    return {**patterns, "pretrained": str(pretrained), "root": root,
-            "classnames": str(root / "shards" / "classnames.txt")}
-
-
-def base_args(toy, logs, name, *extra, epochs=2):
-    return ["--model", "po-tiny", "--pretrained", toy["pretrained"], "--train-data", toy["pref"],
-            "--po-reg-data", toy["reg"], "--train-num-samples", "96", "--po-reg-num-samples", "96",
-            "--batch-size", "16", "--epochs", str(epochs), "--lr", "3e-3", "--wd", "0", "--warmup", "1",
-            "--precision", "fp32", "--workers", "1", "--seed", "0", "--logs-dir", str(logs), "--name", name,
-            "--aug-cfg", "scale=(1.0, 1.0)", "--save-most-recent", "--log-every-n-steps", "1", *extra]
-
-
-def run_in_process(argv):
-    """Run the seam in this process; returns the session (reference, averager, ...) for inspection."""
-    with patched_open_clip_train() as session:
-        status = ocm.main(argv)
-    assert status in (None, 0)
-    return session
-
-
-def run_cli(argv, nproc=1, timeout=600):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "open_clip_po.main", *argv]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port",
-               str(29500 + os.getpid() % 1000), "-m", "open_clip_po.main", *argv]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return make_toy(tmp_path_factory.mktemp("toy"))
 
 
 def toy_triplets(toy):

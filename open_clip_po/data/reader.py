@@ -18,6 +18,7 @@ worker's previous batch; see ``open_clip_po.data.skips``). The D_reg stream neve
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import json
@@ -227,6 +228,11 @@ class _Tokenize:
         return tokens
 
 
+def hash_seed(*parts: int) -> int:
+    """A 63-bit seed from whole numbers (stable across processes and runs, unlike ``hash``)."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
 class PreferenceDataset(IterableDataset):
     """One reading process's stream of PO batches; see the module docstring."""
 
@@ -290,6 +296,10 @@ class PreferenceDataset(IterableDataset):
     def __iter__(self):
         epoch = self.shared_epoch.get_value()
         worker, num_workers = _worker()
+        if get_worker_info() is not None:
+            # Persistent workers carry their RNG from epoch to epoch; seeding it per epoch makes the random
+            # augmentations of epoch N the same whatever came before, so a resumed run repeats them exactly.
+            torch.manual_seed(hash_seed(self.seed, epoch, self.rank, worker))
         rng = random.Random(f"pref:{self.seed}:{epoch}:{self.rank}:{worker}")
         pref = _batches(self._samples(self._pref_shards(worker, num_workers), "", rng, decode_triplet),
                         self.batch_size)

@@ -20,17 +20,13 @@ from torch import nn
 from tqdm import tqdm
 
 from open_clip_po.checkpoint import CheckpointError, create_model_from_checkpoint
-from open_clip_po.head import _unwrap, get_linear_head, has_linear_head
+from open_clip_po.head import get_linear_head, has_linear_head
+from open_clip_po.unwrap import unwrap
 
 from .data import EvalSet, make_loader
 from .errors import EvalError
 
 log = logging.getLogger(__name__)
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model under DDP / torch.compile wrappers (they hide ``encode_image`` / ``encode_text``)."""
-    return _unwrap(model)
 
 
 class _DropRandomInitWarning(logging.Filter):
@@ -72,14 +68,14 @@ def head_weight(model: nn.Module) -> torch.Tensor | None:
 
 def base_encoders(model: nn.Module) -> tuple[Callable, Callable]:
     """The un-headed image and text encoders (un-normalised features)."""
-    model = unwrap_model(model)
+    model = unwrap(model)
     if has_linear_head(model):
         return model.encode_image_base, model.encode_text_base
     return model.encode_image, model.encode_text
 
 
 def logit_scale(model: nn.Module) -> float:
-    return float(unwrap_model(model).logit_scale.exp().item())
+    return float(unwrap(model).logit_scale.exp().item())
 
 
 @torch.no_grad()
@@ -104,14 +100,14 @@ def encode_images(encode: Callable, eval_set: EvalSet, *, device="cpu", batch_si
 
 
 def encode_images_normalized(model: nn.Module, eval_set: EvalSet, **kw) -> dict:
-    model = unwrap_model(model)
+    model = unwrap(model)
     return encode_images(lambda x: model.encode_image(x, normalize=True), eval_set, **kw)
 
 
 def zero_shot_classifier(model: nn.Module, tokenizer, classnames: Sequence[str], templates: Sequence[str],
                          device="cpu") -> torch.Tensor:
     """open_clip's template-averaged classifier [D, C] from the model as it is (head included)."""
-    return build_zero_shot_classifier(unwrap_model(model), tokenizer, list(classnames), list(templates),
+    return build_zero_shot_classifier(unwrap(model), tokenizer, list(classnames), list(templates),
                                       num_classes_per_batch=10, device=device).float().cpu()
 
 

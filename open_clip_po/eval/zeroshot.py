@@ -13,8 +13,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from open_clip_po.unwrap import unwrap
+
 from .data import NO_WRITTEN_CLASS, EvalSet, open_eval_sets
-from .features import encode_images, unwrap_model, zero_shot_classifier
+from .features import encode_images, zero_shot_classifier
 from .report import SINGLE_FIGSIZE, new_figure, save_figure, write_json
 from .templates import resolve_templates
 
@@ -45,7 +47,7 @@ def _input_dtype(model: nn.Module) -> torch.dtype:
 def evaluate_model(model: nn.Module, tokenizer, clean: EvalSet, attacked: EvalSet | None, templates: Sequence[str],
                    *, device="cpu", batch_size: int = 64, workers: int = 0) -> dict:
     """Full metrics of the model as it is (head included) on the clean and attacked sets."""
-    model = unwrap_model(model)
+    model = unwrap(model)
     dtype = _input_dtype(model)
     classifier = zero_shot_classifier(model, tokenizer, clean.classnames, templates, device=device)
 
@@ -80,7 +82,7 @@ def typographic_eval(model, tokenizer, preprocess, clean_dir, typographic_dir=No
     back. ``model`` may be DDP-wrapped or carry a linear head; its train/eval mode is restored.
     Writes no files.
     """
-    inner = unwrap_model(model)
+    inner = unwrap(model)
     was_training = inner.training
     inner.eval()
     try:

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from ..checkpoint import strip_module_prefix
-from ..head import HEAD_ATTR, _unwrap, get_linear_head
+from ..head import HEAD_ATTR, get_linear_head
+from ..unwrap import unwrap
 from .scaling import SurgeryError, check_head, scale_head
 
 
@@ -160,7 +161,7 @@ def head_model_at(model: nn.Module, W: torch.Tensor | None = None, t: float = 1.
     ``model`` is a stock open_clip model or one with a linear head attached (then ``W`` defaults to
     that head and ``f`` are its un-headed features). ``model`` itself is left as it was.
     """
-    base = _unwrap(model)
+    base = unwrap(model)
     if W is None:
         W = get_linear_head(base).weight.detach()
     head_prefix = HEAD_ATTR + "."

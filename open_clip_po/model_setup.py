@@ -1,0 +1,92 @@
+"""The policy and its reference as a PO run builds them, and the stand-in for DDP in linear-head mode.
+
+``ModelSetup.create_model_and_transforms`` takes open_clip's place: it lets open_clip build the policy, then
+— before resume, locking, the head or DDP touch it — chooses the reference strategy (see
+``open_clip_po.reference``) and, in linear-head mode, freezes the towers and attaches W.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+
+import torch
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .cli import UsageError
+from .head import attach_linear_head, has_linear_head
+from .reference import make_reference
+
+COMPILE_LOGGERS = ("torch._dynamo", "torch._subclasses", "torch._inductor")
+
+
+class LocalReplica(torch.nn.Module):
+    """Stands where DDP would in linear-head mode: only W trains, its gradient is all-reduced by hand."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def explain_bad_pretrained(path, flag: str, error: Exception) -> None:
+    """open_clip reports a file that is not a checkpoint as e.g. ``KeyError: 101``; say what the file is."""
+    if path and os.path.isfile(path) and "://" not in str(path):
+        try:
+            load_checkpoint(path)
+        except CheckpointError as e:
+            raise UsageError(f"{flag}: {e}") from error
+
+
+class ModelSetup:
+    def __init__(self, args_of, create_model_and_transforms):
+        self._args_of, self._create = args_of, create_model_and_transforms
+        self.model = None          # the policy, as open_clip built it (never wrapped)
+        self.reference = None
+        self.preprocess_val = None
+
+    def _create_checked(self, name, pretrained, flag, *a, **kw):
+        try:
+            return self._create(name, pretrained, *a, **kw)
+        except Exception as e:
+            explain_bad_pretrained(pretrained, flag, e)
+            raise
+
+    def create_model_and_transforms(self, model_name, pretrained=None, *a, **kw):
+        # open_clip's setup_logging (just run) set every logger to INFO; torch's then print compile
+        # statistics at exit even when nothing was compiled
+        for name in logging.root.manager.loggerDict:
+            if name.startswith(COMPILE_LOGGERS):
+                logging.getLogger(name).setLevel(logging.WARNING)
+        built = self._create_checked(model_name, pretrained, "--pretrained", *a, **kw)
+        if self.model is None:  # the first call builds the policy (a later one, e.g. a distill teacher, is not ours)
+            self.model, self.preprocess_val = built[0], built[2]
+            self.reference = self._build_reference(built[0], kw)
+        return built
+
+    def _build_reference(self, model, create_kwargs):
+        args = self._args_of()
+        if args.po_linear_head:
+            model.requires_grad_(False)
+            attach_linear_head(model).requires_grad_(True)
+            return make_reference(is_base_of_head=True)
+        if args.po_ref_model or args.po_ref_pretrained:
+            ref, _, _ = self._create_checked(
+                args.po_ref_model or args.model, args.po_ref_pretrained, "--po-ref-pretrained",
+                precision=args.precision, device=create_kwargs.get("device"), output_dict=True,
+                cache_dir=args.cache_dir)
+            return make_reference(ref)
+        # A copy taken now holds exactly the pre-trained weights; with a locked, frozen text tower the policy's
+        # text features are the reference's.
+        shares_text = bool(args.lock_text and args.lock_text_unlocked_layers == 0
+                           and args.lock_text_freeze_layer_norm)
+        return make_reference(copy.deepcopy(model), shares_text=shares_text)
+
+    def ddp(self, module, device_ids=None, **kwargs):
+        if module is self.model and has_linear_head(module) and self._args_of().po_linear_head:
+            return LocalReplica(module)
+        if device_ids is not None and all(torch.device(d).type == "cpu" for d in device_ids):
+            device_ids = None  # open_clip passes device_ids=[cpu]; DDP only accepts that for GPU modules
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, **kwargs)
