@@ -12,7 +12,8 @@ them, as it does for ``open_clip_train.main``. ``get_args`` is called when a pip
 ``get_data``), after ``parse_args`` and ``init_distributed_device`` have set ``seed`` and ``rank``. The
 validation pipeline has no shuffle and needs nothing.
 
-The triplet reader (``open_clip_po.data.reader``) seeds its own shuffles the same way.
+The triplet reader (``open_clip_po.data.reader``) seeds its own shuffles the same way (``random.Random`` of
+``"stream:seed:epoch:rank:worker"``), and its ``_WorkerSeed`` serves both resamplers.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from torch.utils.data import get_worker_info
 from webdataset.filters import _shuffle
 
 from open_clip_train.data import ResampledShards2, SharedEpoch
+
+from .data.reader import _WorkerSeed  # the triplet reader's ResampledShards2 seed: one formula for both
 
 # the module globals of open_clip_train.data that seeded_open_clip_data() replaces
 SEEDED_DATA_GLOBALS = ("wds", "ResampledShards2")
@@ -71,16 +74,6 @@ def seeded_pipeline(*stages):
                 raise RuntimeError("a sample shuffle without an epoch-counting shard stage before it")
             stage.epoch = epoch
     return wds.DataPipeline(*stages)
-
-
-class _WorkerSeed:
-    """``ResampledShards2(worker_seed=...)``: an int from (seed, rank, worker); the stage adds the epoch."""
-
-    def __init__(self, seed: int, rank: int):
-        self.seed, self.rank = seed, rank
-
-    def __call__(self) -> int:
-        return stream_rng("shards", self.seed, 0, self.rank, _worker()).getrandbits(62)
 
 
 def seeded_open_clip_data(get_args) -> dict:
