@@ -18,6 +18,7 @@ from open_clip_po import losses as po_losses
 from open_clip_po.checkpoint import atomic_save, load_checkpoint
 from open_clip_po.main import main, po_argument_parser
 from open_clip_po.options import check_open_clip_options, list_option_rules, plain_clip_run
+from open_clip_po.reference import FrozenCopyReference
 from po_toy import write_toy_shards
 from train_helpers import base_args, make_toy, run_in_process
 
@@ -111,7 +112,8 @@ def po(toy, tmp_path, name, *extra, epochs=1):
 @pytest.mark.integration
 def test_grad_checkpointing_gives_the_same_steps(toy, tmp_path):
     session = po(toy, tmp_path, "checkpointed", "--grad-checkpointing")
-    assert session.model.visual.transformer.grad_checkpointing and session.model.transformer.grad_checkpointing
+    policy = session.setup.model
+    assert policy.visual.transformer.grad_checkpointing and policy.transformer.grad_checkpointing
     po(toy, tmp_path, "plain")
     a, b = ckpt(tmp_path, "plain"), ckpt(tmp_path, "checkpointed")
     start = load_checkpoint(toy["pretrained"])["state_dict"]
@@ -135,7 +137,8 @@ def test_lock_text_with_an_unlocked_layer(toy, tmp_path):
     # open_clip's groups from the end: 1 = text_projection, 2 = + last block and ln_final
     session = po(toy, tmp_path, "locktext", "--lock-text", "--lock-text-freeze-layer-norm",
                  "--lock-text-unlocked-layers", "2")
-    assert not session.reference.shares_text  # the last text layer trains: the reference keeps its own tower
+    # the last text layer trains: the reference keeps its own text tower
+    assert type(session.reference) is FrozenCopyReference
     start, after = load_checkpoint(toy["pretrained"])["state_dict"], ckpt(tmp_path, "locktext")
     assert not any(moved(start, after, "transformer.resblocks.0.").values())
     assert not any(moved(start, after, "token_embedding").values())
@@ -197,7 +200,7 @@ def test_torchcompile_serves_the_criterion(toy, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", compile_eagerly)
     session = po(toy, tmp_path, "compiled", "--torchcompile")
-    assert compiled == [session.model]  # the policy, never the reference
+    assert compiled == [session.setup.model]  # the policy, never the reference
     start, after = load_checkpoint(toy["pretrained"])["state_dict"], ckpt(tmp_path, "compiled")
     assert set(after) == set(start)  # saved without torch.compile's _orig_mod. prefix
     assert any(moved(start, after, "visual.").values())
