@@ -14,6 +14,7 @@ Written by ``open_clip_po.main`` (``logs/NAME/checkpoints/epoch_N.pt``, ``epoch_
       },
       "po_reference": {...},        # only when the reference follows the policy (--po-ref-sync-steps)
       "po_rng": [{...}, ...],       # every rank's RNG states at the end of the epoch, for an exact resume
+      "po_objective": {...},        # only for objectives with state (BCO's running reward baseline)
       "po_version": "0.1.0",
     }
 
@@ -37,6 +38,7 @@ HEAD_KEY = HEAD_ATTR
 AVERAGE_KEY = "po_average"
 REFERENCE_KEY = "po_reference"
 RNG_KEY = "po_rng"
+OBJECTIVE_KEY = "po_objective"
 WEIGHT_CHOICES = ("raw", "bma", "ema")
 
 
@@ -153,6 +155,7 @@ class TrainingExtras:
     average: dict | None = None          # a ``po_average`` entry
     reference: dict | None = None        # the reference's state dict when it follows the policy
     rng: list | None = field(default=None)  # per-rank RNG states
+    objective: dict | None = None        # the objective's buffers
 
 
 class CheckpointCodec:
@@ -162,7 +165,8 @@ class CheckpointCodec:
     def __init__(self, *, linear_head: bool):
         self.linear_head = linear_head
 
-    def encode(self, ckpt: dict, *, averager=None, reference: dict | None = None, rng: list | None = None) -> dict:
+    def encode(self, ckpt: dict, *, averager=None, reference: dict | None = None, rng: list | None = None,
+               objective: dict | None = None) -> dict:
         out = dict(ckpt)
         out["state_dict"], head = split_head(ckpt["state_dict"])
         if head is not None:
@@ -173,6 +177,8 @@ class CheckpointCodec:
             out[REFERENCE_KEY] = reference
         if rng is not None:
             out[RNG_KEY] = rng
+        if objective:
+            out[OBJECTIVE_KEY] = objective
         from . import __version__
 
         out["po_version"] = __version__
@@ -187,9 +193,11 @@ class CheckpointCodec:
         if head is None and self.linear_head:
             raise CheckpointError(f"{path} has no linear head; it was not trained with --po-linear-head")
         state_dict = {prefix + k: v for k, v in strip_module_prefix(ckpt["state_dict"]).items()}
-        decoded = {k: v for k, v in ckpt.items() if k not in (HEAD_KEY, AVERAGE_KEY, REFERENCE_KEY, RNG_KEY)}
+        decoded = {k: v for k, v in ckpt.items() if k not in (HEAD_KEY, AVERAGE_KEY, REFERENCE_KEY, RNG_KEY,
+                                                                OBJECTIVE_KEY)}
         decoded["state_dict"] = join_head(state_dict, None if head is None else head["weight"], prefix)
-        extras = TrainingExtras(ckpt.get(AVERAGE_KEY), ckpt.get(REFERENCE_KEY), ckpt.get(RNG_KEY))
+        extras = TrainingExtras(ckpt.get(AVERAGE_KEY), ckpt.get(REFERENCE_KEY), ckpt.get(RNG_KEY),
+                                ckpt.get(OBJECTIVE_KEY))
         return decoded, extras
 
 

@@ -31,7 +31,13 @@ class UsageError(SystemExit):
 def po_argument_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     g = p.add_argument_group("preference optimisation (open_clip_po)")
-    g.add_argument("--po-loss", default=None, help="objective: " + ", ".join(po_losses.list_losses()))
+    g.add_argument("--po-loss", default=None,
+                   help="objective, or a comma-separated mixture (dpo,ce): " + ", ".join(po_losses.list_losses()))
+    g.add_argument("--po-loss-weights", default=None,
+                   help="weights of a mixture's terms, e.g. 1,0.1 (RPO = dpo,ce); default: all 1")
+    g.add_argument("--po-hparam", action="append", default=[], metavar="NAME=VALUE",
+                   help="any hyper-parameter of the objective by its TRL name (repeatable; dpo.beta=... for one "
+                        "term of a mixture), e.g. f_divergence_type=js_divergence, simpo_gamma=0.5")
     g.add_argument("--po-beta", type=float, default=None, help="β (objective's paper default if unset)")
     g.add_argument("--po-label-smoothing", type=float, default=None, help="cDPO / robust ε")
     g.add_argument("--po-desirable-weight", type=float, default=None, help="KTO λ_D")
@@ -54,6 +60,11 @@ def po_argument_parser() -> argparse.ArgumentParser:
     g.add_argument("--po-ref-pretrained", default=None, help="reference weights (default: the policy's start)")
     g.add_argument("--ref-model", dest="po_ref_model", help=argparse.SUPPRESS)  # older spellings, kept
     g.add_argument("--ref-pretrained", dest="po_ref_pretrained", help=argparse.SUPPRESS)
+    g.add_argument("--po-ref-cache", default=None,
+                   help="folder of reference features computed ahead (python -m open_clip_po.ref_cache): no "
+                        "reference model is built")
+    g.add_argument("--po-ref-cache-approximate", action="store_true",
+                   help="accept a cache under random training augmentation (the cached view is not the trained one)")
     g.add_argument("--po-ref-sync-steps", type=int, default=0,
                    help="TR-DPO: every N optimizer steps move the reference towards the policy (0 = frozen)")
     g.add_argument("--po-ref-sync-alpha", type=float, default=0.6,
@@ -113,6 +124,24 @@ def _check_regulariser_flags(args) -> None:
                          "without it there is no regulariser")
 
 
+def _check_ref_cache(args) -> None:
+    if not args.po_ref_cache:
+        return
+    from .ref_cache import deterministic_augmentation
+
+    if args.po_linear_head:
+        raise UsageError("--po-ref-cache is not for --po-linear-head: its reference is the frozen backbone, free")
+    if args.po_ref_sync_steps:
+        raise UsageError("--po-ref-cache cannot follow the policy (--po-ref-sync-steps): cached features are fixed")
+    if not deterministic_augmentation(args.aug_cfg):
+        if not args.po_ref_cache_approximate:
+            raise UsageError("--po-ref-cache is exact only with deterministic training preprocessing "
+                             "(--aug-cfg scale='(1.0, 1.0)', no colour jitter/grey-scale/erasing/timm); "
+                             "add --po-ref-cache-approximate to use the cached view anyway")
+        logging.warning("--po-ref-cache-approximate: the reference sees the cached view of each image, the policy "
+                        "a random augmentation of it; the reference log-probs are an approximation")
+
+
 def _check_paths(args) -> None:
     for flag in ("po_eval_images", "po_eval_typographic", "po_classnames"):
         path = getattr(args, flag)
@@ -121,7 +150,7 @@ def _check_paths(args) -> None:
 
 
 def _warn_inert(args) -> None:
-    if args.po_kto_kl != "mismatched" and not getattr(po_losses.get_loss_class(args.po_loss), "needs_kl", False):
+    if args.po_kto_kl != "mismatched" and not build_objective(args).needs_kl:
         logging.warning(f"--po-kto-kl has no effect with --po-loss {args.po_loss} (only KTO uses a reference point)")
 
 
@@ -131,8 +160,13 @@ def validate(args) -> None:
     known = po_losses.list_losses()
     if args.po_loss is None:
         raise UsageError("--po-loss is required (one of: " + ", ".join(known) + ")")
-    if args.po_loss not in known:
-        raise UsageError(f"unknown --po-loss {args.po_loss!r}; known: " + ", ".join(known))
+    try:
+        names = po_losses.parse_spec(args.po_loss)
+    except ValueError as e:
+        raise UsageError(f"--po-loss {args.po_loss!r}: {e}".splitlines()[0]) from e
+    for name in names:
+        if not po_losses.is_loss(name):
+            raise UsageError(f"unknown --po-loss {name!r}; known: " + ", ".join(known))
     if not args.train_data:
         raise UsageError("--train-data (triplet shards, see README 'Data') is required")
     check_model_name(args.model)
@@ -146,6 +180,7 @@ def validate(args) -> None:
         raise UsageError("--po-ref-sync-steps must be >= 0 and --po-ref-sync-alpha in (0, 1]")
     if args.po_ref_sync_steps and args.po_linear_head:
         raise UsageError("--po-ref-sync-steps cannot follow a linear head: its reference is the frozen backbone")
+    _check_ref_cache(args)
     try:
         check_open_clip_options(args)
     except ValueError as e:
@@ -168,5 +203,9 @@ def validate(args) -> None:
 
 
 def build_objective(args):
-    hparams = {name: getattr(args, flag) for flag, name in HPARAM_FLAGS.items() if getattr(args, flag) is not None}
-    return po_losses.get_loss(args.po_loss, **hparams)
+    """The objective (or weighted mixture) the flags name, with their hyper-parameters."""
+    hparams = po_losses.parse_hparams(args.po_hparam)
+    hparams.update({name: getattr(args, flag) for flag, name in HPARAM_FLAGS.items()
+                    if getattr(args, flag) is not None})
+    weights = po_losses.parse_weights(args.po_loss_weights) if args.po_loss_weights else None
+    return po_losses.build_objective(args.po_loss, weights, hparams)

@@ -52,14 +52,14 @@ def match_prompts(tokens: torch.Tensor, prompt_tokens: torch.Tensor, what: str) 
     return equal.float().argmax(-1)
 
 
-def features_of_distinct_captions(reference, model, images, texts, need_reference: bool):
+def features_of_distinct_captions(reference, model, images, texts, need_reference: bool, keys=None):
     """``reference.step_features`` with each distinct caption encoded once and its features shared by index.
 
     Captions repeat within a batch (class templates: y_w of one image is y_l of another) — exact, gradients
     included.
     """
     unique, inverse = torch.unique(texts, dim=0, return_inverse=True)
-    policy, ref = reference.step_features(model, images, unique, need_reference)
+    policy, ref = reference.step_features(model, images, unique, need_reference, keys)
     policy = policy._replace(text=policy.text[inverse])
     return policy, (None if ref is None else ref._replace(text=ref.text[inverse]))
 
@@ -105,8 +105,11 @@ class POCriterion(nn.Module):
             index = dict(chosen_index=match_prompts(chosen, prompts, "y_w"),
                          rejected_index=match_prompts(rejected, prompts, "y_l"))
         all_images = torch.cat([images, reg_images]) if use_reg else images
+        keys = batch.get("keys")
+        if keys is not None and use_reg:
+            keys = list(keys) + list(batch.get("reg_keys") or [])
         policy, ref = features_of_distinct_captions(self.reference, model, all_images, torch.cat(text_parts),
-                                                    self.needs_reference_features)
+                                                    self.needs_reference_features, keys)
         p_text = StepText.split(policy.text, n_pref, n_reg)
         pc, pr, p_matrix = self._pair_logps(policy, p_text, n_pref, index)
 

@@ -71,6 +71,7 @@ class TrainingHooks:
         self.bad_steps = 0
         self.rng_states: list | None = None    # every rank's, at the end of the last epoch (rank 0 saves them)
         self.resume = None                     # TrainingExtras of the checkpoint resumed from
+        self.objective = None                  # the run's objective (its buffers are saved)
 
     # --- epoch boundaries -------------------------------------------------------------------------------------
     def start_of_epoch(self, epoch: int, steps_per_epoch: int, is_master: bool) -> None:
@@ -134,6 +135,10 @@ class TrainingHooks:
             self._save(ckpt, path)
         raise TooManyBadSteps(f"{self.bad_steps} non-finite PO losses in a row at epoch {epoch}; "
                               f"last good weights saved to {path}")
+
+    def objective_state(self) -> dict | None:
+        """Buffers of a stateful objective (BCO's running baseline), saved so that a resume continues them."""
+        return None if self.objective is None else {k: v.cpu() for k, v in self.objective.state_dict().items()}
 
     def reference_state(self) -> dict | None:
         """The reference's weights when they move (TR-DPO); a frozen reference is rebuilt from args instead."""

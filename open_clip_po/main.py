@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import types
 
@@ -22,11 +23,14 @@ import torch
 
 import open_clip_po  # noqa: F401  (registers po-tiny / po-small)
 
+from .atomic import remove_stale_temp_files
 from .checkpoint import CheckpointCodec, CheckpointError, atomic_save, load_checkpoint
 from .cli import HPARAM_FLAGS, UsageError, build_objective, parse_po_args, po_argument_parser, validate  # noqa: F401
 from .criterion import POCriterion, POSettings
+from .data.errors import DataError
 from .evaluator import Evaluator
 from .hooks import TooManyBadSteps, TrainingHooks
+from .ref_cache import CacheError
 from .model_setup import LocalReplica, ModelSetup  # noqa: F401  (LocalReplica: part of the seam's surface)
 from .options import plain_clip_run
 from .seeding import SEEDED_DATA_GLOBALS, seeded_open_clip_data
@@ -46,14 +50,13 @@ class _Proxy(types.ModuleType):
 
 
 def read_classnames(path) -> list[str]:
+    from .data.classnames import read_classnames as read
+    from .data.errors import ClassnamesError
+
     try:
-        with open(path, encoding="utf-8") as f:
-            names = [line.strip() for line in f if line.strip()]
-    except OSError as e:
-        raise UsageError(f"cannot read --po-classnames {path}: {e.strerror}") from e
-    if not names:
-        raise UsageError(f"--po-classnames {path} lists no class")
-    return names
+        return read(path)
+    except ClassnamesError as e:
+        raise UsageError(f"--po-classnames: {e}") from e
 
 
 # The globals of open_clip_train.main a PO run replaces, each by the session's attribute of the same name.
@@ -96,7 +99,11 @@ class POSession:
             data = self.orig["get_data"](args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
         finally:
             args.train_data = train_data
-        data.update(get_po_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer))
+        try:
+            data.update(get_po_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer))
+        except DataError as e:
+            raise UsageError(str(e)) from None
+        self.hooks.ledger.watch(data["train"].dataloader)  # skips that no batch carried reach the summary too
         return data
 
     def create_loss(self, args):
@@ -107,7 +114,11 @@ class POSession:
         settings = POSettings(reg_lambda=args.po_reg_lambda, reg_direction=args.po_reg_kl,
                               candidates=args.po_candidates, kto_kl=args.po_kto_kl,
                               distributed=bool(args.distributed))
-        return POCriterion(build_objective(args), self.setup.reference, settings, prompt_tokens=prompts)
+        criterion = POCriterion(build_objective(args), self.setup.reference, settings, prompt_tokens=prompts)
+        self.hooks.objective = criterion.objective
+        if self.hooks.resume is not None and self.hooks.resume.objective is not None:
+            criterion.objective.load_state_dict(self.hooks.resume.objective)  # e.g. BCO's running baseline
+        return criterion.to(args.device)
 
     def train_one_epoch(self, model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args,
                         tb_writer=None):
@@ -122,7 +133,8 @@ class POSession:
     def save_checkpoint(self, obj, path, *a, **kw):
         if isinstance(obj, dict) and "state_dict" in obj:
             obj = self.codec.encode(obj, averager=self.hooks.averager, reference=self.hooks.reference_state(),
-                                    rng=self.hooks.rng_states)
+                                    rng=self.hooks.rng_states, objective=self.hooks.objective_state())
+        remove_stale_temp_files(os.path.dirname(os.path.abspath(path)))  # of earlier writers that were killed
         return atomic_save(obj, path)
 
     def pt_load(self, path, map_location=None):
@@ -182,7 +194,7 @@ def main(argv=None) -> int:
     with patched_open_clip_train(plain=plain):
         try:
             status = ocm.main(argv)
-        except (TooManyBadSteps, NoTrainingSteps) as e:
+        except (TooManyBadSteps, NoTrainingSteps, CacheError) as e:
             raise UsageError(str(e)) from e
     return 0 if status in (None, 0) else 1
 

@@ -15,7 +15,7 @@ import torch
 from .checkpoint import CheckpointError, load_checkpoint
 from .cli import UsageError
 from .head import attach_linear_head, has_linear_head
-from .reference import make_reference
+from .reference import CachedReference, make_reference
 
 COMPILE_LOGGERS = ("torch._dynamo", "torch._subclasses", "torch._inductor")
 
@@ -38,6 +38,22 @@ def explain_bad_pretrained(path, flag: str, error: Exception) -> None:
             load_checkpoint(path)
         except CheckpointError as e:
             raise UsageError(f"{flag}: {e}") from error
+
+
+def _load_cache(args, preprocess_train):
+    from .data.patterns import expand_shards
+    from .ref_cache import CacheError, load_ref_cache
+    from .ref_cache.store import existing, run_signature
+
+    urls = expand_shards(args.train_data)[0]
+    if args.po_reg_data:
+        urls += expand_shards(args.po_reg_data, flag="--po-reg-data")[0]
+    urls = existing(urls)
+    try:
+        return load_ref_cache(args.po_ref_cache, run_signature(args, preprocess_train), urls,
+                              need_prompts=args.po_candidates == "classes")
+    except CacheError as e:
+        raise UsageError(f"--po-ref-cache: {e}") from e
 
 
 class ModelSetup:
@@ -63,11 +79,13 @@ class ModelSetup:
         built = self._create_checked(model_name, pretrained, "--pretrained", *a, **kw)
         if self.model is None:  # the first call builds the policy (a later one, e.g. a distill teacher, is not ours)
             self.model, self.preprocess_val = built[0], built[2]
-            self.reference = self._build_reference(built[0], kw)
+            self.reference = self._build_reference(built[0], kw, built[1])
         return built
 
-    def _build_reference(self, model, create_kwargs):
+    def _build_reference(self, model, create_kwargs, preprocess_train):
         args = self._args_of()
+        if args.po_ref_cache:
+            return CachedReference(_load_cache(args, preprocess_train))
         if args.po_linear_head:
             model.requires_grad_(False)
             attach_linear_head(model).requires_grad_(True)

@@ -1,7 +1,8 @@
 """The frozen reference π_ref: one strategy per way its features are obtained.
 
-Every strategy answers ``step_features(model, images, texts, need_reference)`` with the policy's and the
-reference's :class:`Features` for one step, so the criterion never asks which kind it has:
+Every strategy answers ``step_features(model, images, texts, need_reference, keys)`` with the policy's and the
+reference's :class:`Features` for one step (or ``None`` for the reference when it is not needed), so the
+criterion never asks which kind it has:
 
 - :class:`FrozenCopyReference` — a frozen model: by default a copy of the policy taken right after open_clip
   builds it (before resume, locking, the head or DDP touch it), or ``--po-ref-model/--po-ref-pretrained``. Its
@@ -12,6 +13,8 @@ reference's :class:`Features` for one step, so the criterion never asks which ki
   features are the policy's (one text forward per step).
 - :class:`HeadBaseReference` — linear-head mode: the reference is the policy's own backbone without W, so one
   frozen backbone pass serves both and no second model exists.
+- :class:`CachedReference` — ``--po-ref-cache DIR``: features computed once ahead of training
+  (``open_clip_po.ref_cache``), joined to the batch by sample key and caption; no reference model at all.
 
 A reference is in eval mode, has ``requires_grad`` off and is never DDP-wrapped.
 """
@@ -114,7 +117,7 @@ class FrozenCopyReference:
     def _text_features(self, texts, policy_text_features):
         return self.text_cache.features(texts, lambda t: self.model.encode_text(t, normalize=True))
 
-    def step_features(self, model, images, texts, need_reference: bool = True) -> tuple[Features, Features | None]:
+    def step_features(self, model, images, texts, need_reference: bool = True, keys=None):
         policy = policy_features(model, images, texts)
         return policy, (self.features(images, texts, policy.text) if need_reference else None)
 
@@ -153,7 +156,7 @@ class HeadBaseReference:
     holds_model = False
     model = None
 
-    def step_features(self, model, images, texts, need_reference: bool = True) -> tuple[Features, Features]:
+    def step_features(self, model, images, texts, need_reference: bool = True, keys=None):
         core = unwrap(model)
         with torch.no_grad():
             base_image = core.encode_image_base(images, normalize=False)
@@ -163,6 +166,29 @@ class HeadBaseReference:
         policy = Features(F.normalize(head(base_image), dim=-1), F.normalize(head(base_text), dim=-1), scale)
         reference = Features(F.normalize(base_image, dim=-1), F.normalize(base_text, dim=-1), scale.detach())
         return policy, reference
+
+    def parameters(self):
+        return []
+
+
+class CachedReference:
+    """π_ref's features read from a cache computed ahead of training (``open_clip_po.ref_cache``): no reference
+    model in memory and no reference forward. Joined by sample key (images) and by caption tokens (texts)."""
+
+    holds_model = False
+    model = None
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def step_features(self, model, images, texts, need_reference: bool = True, keys=None):
+        policy = policy_features(model, images, texts)
+        if not need_reference:
+            return policy, None
+        if keys is None or len(keys) != images.shape[0]:
+            raise ValueError("a cached reference needs the batch's sample keys (the triplet reader provides them)")
+        scale = torch.tensor(self.cache.logit_scale, device=images.device)
+        return policy, Features(self.cache.image_features(keys, images.device), self.cache.text_features(texts), scale)
 
     def parameters(self):
         return []

@@ -7,10 +7,20 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 CLASSES = ("cat", "dog", "golden_retriever")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """po-tiny's tokenizer (import it into a test module to use it as a fixture)."""
+    import open_clip
+    import open_clip_po  # noqa: F401  (registers po-tiny)
+
+    return open_clip.get_tokenizer("po-tiny")
 
 
 def noise_image(seed: int, size=(40, 30)) -> Image.Image:

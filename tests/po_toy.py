@@ -34,7 +34,8 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_toy_shards(out: Path, num_samples: int = 64, per_shard: int = 32, seed: int = 0) -> dict:
+def write_toy_shards(out: Path, num_samples: int = 64, per_shard: int = 32, seed: int = 0,
+                     image_size: int = 64) -> dict:
     """pref-%06d.tar triplets, reg-%06d.tar clean pairs, sizes.json, classnames.txt; returns brace patterns."""
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -49,7 +50,7 @@ def write_toy_shards(out: Path, num_samples: int = 64, per_shard: int = 32, seed
                     key = f"{shard:04d}{j:04d}"
                     true = rng.randrange(len(names))
                     wrong = rng.choice([i for i in range(len(names)) if i != true])
-                    _add(tar, f"{key}.png", colour_image(names[true], rng))
+                    _add(tar, f"{key}.png", colour_image(names[true], rng, image_size))
                     y_w = TEMPLATE.format(names[true]).encode()
                     _add(tar, f"{key}.txt", y_w)
                     if kind == "pref":

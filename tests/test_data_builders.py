@@ -152,11 +152,11 @@ def test_eval_folder_records_true_and_written_class(tmp_path):
         assert Image.open(tmp_path / "ev" / r["file"]).size == (32, 32)
 
 
-def test_shard_writer_rolls_over_and_is_atomic(tmp_path):
+def test_shard_writer_rolls_over_and_publishes_whole_sets(tmp_path):
     from open_clip_po.data import ShardWriter
 
     blob = bytes(2000)  # one member: 512 header + 2048 data bytes
-    with ShardWriter(tmp_path, "x", max_count=4) as w:
+    with ShardWriter(tmp_path / "a", "x", max_count=4) as w:
         for i in range(10):
             w.write(f"{i:03d}", {"bin": blob})
     assert w.sizes == {"x-000000.tar": 4, "x-000001.tar": 4, "x-000002.tar": 2}
@@ -165,19 +165,22 @@ def test_shard_writer_rolls_over_and_is_atomic(tmp_path):
             w.write(f"{i:03d}", {"bin": blob})
     assert list(w.sizes.values()) == [2, 2, 1]
 
-    # A failure mid-shard leaves the finished shards and nothing under the unfinished one's name.
+    # A failure after one finished shard publishes nothing: no shard, no sizes.json, no manifest.
     with pytest.raises(RuntimeError, match="boom"):
         with ShardWriter(tmp_path / "f", "x", max_count=2) as w:
             for i in range(3):
                 w.write(f"{i:03d}", {"bin": blob})
             raise RuntimeError("boom")
-    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == ["x-000000.tar"]
+    assert [p.name for p in (tmp_path / "f").iterdir() if not p.name.startswith(".")] == []
+    assert not any(p.name.startswith(".f.staging") for p in tmp_path.iterdir())
 
-    # A re-run with fewer shards removes the stale ones and their sizes.json entries.
-    with ShardWriter(tmp_path, "x", max_count=100) as w:
+    # A re-run with fewer shards replaces the whole set: stale shards and their sizes.json entries go.
+    with ShardWriter(tmp_path / "a", "x", max_count=100) as w:
         w.write("000", {"bin": blob})
-    assert sorted(p.name for p in tmp_path.glob("x-*.tar")) == ["x-000000.tar"]
-    assert json.loads((tmp_path / "sizes.json").read_text()) == {"x-000000.tar": 1}
+    assert sorted(p.name for p in (tmp_path / "a").glob("x-*.tar")) == ["x-000000.tar"]
+    assert json.loads((tmp_path / "a" / "sizes.json").read_text()) == {"x-000000.tar": 1}
+    manifest = json.loads((tmp_path / "a" / "build.json").read_text())
+    assert manifest["files"]["x-000000.tar"] == (tmp_path / "a" / "x-000000.tar").stat().st_size
     with pytest.raises(ValueError, match="no dots"):
         ShardWriter(tmp_path / "k", "x").write("a.b", {"bin": blob})
 

@@ -13,15 +13,7 @@ import torch
 from PIL import Image
 
 from data_helpers import (image_bytes, make_image_folder, pixel_key, pixels, po_args, read_epoch, shard_contents,
-                          triplet, write_tar)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    import open_clip
-    import open_clip_po  # noqa: F401  (registers po-tiny)
-
-    return open_clip.get_tokenizer("po-tiny")
+                          tokenizer, triplet, write_tar)  # noqa: F401  (tokenizer: a fixture)
 
 
 @pytest.fixture(scope="module")

@@ -52,7 +52,7 @@ def objectives(batch, gather: bool) -> dict:
     frc, frr, frm = L.pair_logps(batch["ref_img"], None, None, 8.0, **ref_fixed)
 
     values = {}
-    for name in ("dpo", "ipo", "hinge", "robust", "ref_free", "ce"):
+    for name in sorted(set(L.builtin_losses()) - {"kto"}):  # KTO: below, with each reference point
         values[name] = L.get_loss(name)(pc, pr, rc, rr)["loss"]
         values[name + "/classes"] = L.get_loss(name)(fpc, fpr, frc, frr)["loss"]
     kto = L.get_loss("kto")
@@ -125,3 +125,68 @@ def test_two_gloo_ranks_match_one_process_on_the_concatenated_batch(tmp_path):
                 assert torch.allclose(got[name][key], want, rtol=1e-10, atol=1e-13), (name, key, rank)
     # the comparison has teeth: the local shards receive non-zero gradients
     assert ranks[1]["kto/mismatched"]["tw"].abs().sum() > 0 and ranks[0]["kl/forward"]["reg_txt"].abs().sum() > 0
+
+
+# ---------------------------------------------------------------- BCO's running baseline across ranks
+
+BCO_STEPS, BCO_BETA = 3, 0.7
+
+
+def bco_local_batch(rank: int, step: int):
+    """Different log-probs on every rank and step (no gather: each rank sees its own batch)."""
+    g = torch.Generator().manual_seed(100 * step + rank)
+    return [torch.randn(B, generator=g, dtype=torch.float64) - 2.0 - rank for _ in range(4)]
+
+
+def bco_worker(rank: int, port: int, out_dir: str):
+    import torch.distributed as dist
+
+    from open_clip_po import losses as L
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        loss = L.get_loss("bco_pair", beta=BCO_BETA)
+        steps = [loss(*bco_local_batch(rank, step)) for step in range(BCO_STEPS)]
+        torch.save({"delta": torch.stack([s["delta"] for s in steps]), "loss": torch.stack([s["loss"] for s in steps]),
+                    "state": loss.state_dict()}, f"{out_dir}/bco{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_bco_baseline_is_pooled_over_ranks_like_trl_running_moments(tmp_path):
+    from test_losses_trl import RunningMomentsTRL, trl_losses
+
+    ctx = mp.start_processes(bco_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + 180
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("gloo workers did not finish within 180 s")
+    ranks = [torch.load(tmp_path / f"bco{r}.pt", weights_only=True) for r in range(WORLD)]
+    # TRL: each rank's batch-mean reward is gathered, so one update sees WORLD observations
+    running = RunningMomentsTRL()
+    for step in range(BCO_STEPS):
+        batches = [bco_local_batch(rank, step) for rank in range(WORLD)]
+        means = torch.stack([(BCO_BETA * torch.cat([pc - rc, pr - rr])).mean() for pc, pr, rc, rr in batches])
+        running.update(means)
+        for rank, (pc, pr, rc, rr) in enumerate(batches):
+            assert ranks[rank]["delta"][step].item() == pytest.approx(float(running.mean), rel=1e-12)
+            want = trl_losses("bco_pair", pc, pr, rc, rr, BCO_BETA, running=_Fixed(running.mean)).mean()
+            assert ranks[rank]["loss"][step].item() == pytest.approx(want.item(), rel=1e-12)
+    for key in ("running_mean", "running_var", "running_count"):
+        assert ranks[0]["state"][key].item() == ranks[1]["state"][key].item()
+    assert ranks[0]["state"]["running_count"].item() == pytest.approx(WORLD * BCO_STEPS)
+
+
+class _Fixed:
+    """A RunningMoments stand-in whose update leaves the mean where the pooled update put it."""
+
+    def __init__(self, mean):
+        self.mean = mean
+
+    def update(self, _):
+        pass

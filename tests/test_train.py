@@ -225,6 +225,9 @@ def test_bad_flag_combinations_are_one_line_errors(toy, tmp_path):
     cases = [
         ([], "--po-loss is required"),
         (["--po-loss", "nope"], "unknown --po-loss 'nope'; known: "),
+        (["--po-loss", "dpo,nope"], "unknown --po-loss 'nope'; known: "),
+        (["--po-loss", "dpo,ce", "--po-loss-weights", "1"], "weights"),
+        (["--po-loss", "dpo", "--po-hparam", "simpo_gamma=1"], "simpo_gamma"),
         (["--po-loss", "dpo", "--po-candidates", "classes"], "--po-candidates classes needs --po-classnames"),
         (["--po-loss", "dpo", "--po-linear-head", "--ref-model", "po-tiny"], "--po-linear-head uses the frozen"),
         (["--po-loss", "dpo", "--po-desirable-weight", "2"], "desirable_weight"),
@@ -240,8 +243,10 @@ def test_bad_flag_combinations_are_one_line_errors(toy, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "open_clip_po.main", *base_args(toy, tmp_path, "bad")],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
+    from open_clip_po.losses import list_losses
+
     assert proc.stderr.strip().splitlines() == ["open_clip_po.main: error: --po-loss is required (one of: "
-                                                "ce, dpo, hinge, ipo, kto, ref_free, robust)"]
+                                                + ", ".join(list_losses()) + ")"]
 
 
 @pytest.mark.slow
@@ -287,3 +292,17 @@ def test_gradient_accumulation_equals_the_large_batch(toy, tmp_path):
     for name, value in a.items():  # float summation order differs: compare to how far the weights moved
         moved = (value - start[name]).abs().max().item()
         torch.testing.assert_close(b[name], value, rtol=1e-3, atol=1e-4 * max(moved, 1e-3), msg=name)
+
+
+@pytest.mark.slow
+def test_a_weighted_mixture_trains_under_torchrun_and_logs_each_term(toy, tmp_path):
+    import re
+
+    run_cli(base_args(toy, tmp_path, "rpo", "--po-loss", "dpo,ce", "--po-loss-weights", "1,0.1", "--batch-size", "8",
+                      epochs=1), nproc=2)
+    log = (tmp_path / "rpo" / "out.log").read_text()
+    steps = re.findall(r" dpo/loss: ([0-9.e+-]+) .*? ce/loss: ([0-9.e+-]+) .*? pref_loss: ([0-9.e+-]+) ", log)
+    assert len(steps) == 6, log[-2000:]
+    for dpo, ce, pref in (tuple(map(float, s)) for s in steps):
+        assert pref == pytest.approx(dpo + 0.1 * ce, rel=1e-3, abs=1e-4)  # the logged sum of the weighted terms
+    assert float(steps[0][0]) == pytest.approx(math.log(2), abs=1e-3)  # DPO at θ = ref

@@ -6,58 +6,30 @@
 
 For a row ``img.jpg,man,cooking``: ``OUT/pref-*.tar`` gets x = the image, y_w = "The woman is cooking" (the
 gender flipped), y_l = "The man is cooking" (the original), and ``OUT/reg-*.tar`` gets the same image with the
-androgynous "The person is cooking" (D_reg). ``gender`` must be ``man`` or ``woman``; image paths are relative
-to ``--images-root`` (default: the CSV's folder). Also writes ``OUT/sizes.json``. Rows are shuffled with
-``--seed``; the same seed and inputs give byte-identical shards.
+androgynous "The person is cooking" (D_reg). The CSV's rules (accepted spellings of the genders, image paths
+relative to ``--images-root``, default the CSV's folder) are those of ``open_clip_po.data.gender_csv``. Also
+writes ``OUT/sizes.json``. Rows are shuffled with ``--seed``; the same seed and inputs give byte-identical shards.
 """
 from __future__ import annotations
 
-import argparse
-import csv
 import json
 import logging
 import random
-import sys
 from functools import partial
-from pathlib import Path
 
-from ._build import ordered_map
-from .shards import (META, TXT, YL, YW, ShardWriter, add_writer_args, encode_image, fit_square, format_caption,
-                     load_image, writer_kwargs)
-
-FLIP = {"man": "woman", "woman": "man"}
-COLUMNS = ("image", "gender", "activity")
+from ._build import add_writer_args, builder_parser, format_caption, ordered_map, run_builder, writer_kwargs
+from .gender_csv import FLIP, read_gender_csv
+from .publish import StagedBuild
+from .shards import META, TXT, YL, YW, ShardWriter, encode_image, fit_square, load_image
 
 
 def read_rows(csv_path, images_root=None) -> list[dict]:
-    """Validated rows ``{"path", "source", "gender", "activity", "line"}``; the first bad row is an error."""
-    csv_path = Path(csv_path)
-    root = Path(images_root) if images_root else csv_path.parent
-    rows = []
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{csv_path} lacks column(s) {missing}; expected a header with {', '.join(COLUMNS)}")
-        for line, row in enumerate(reader, start=2):
-            gender = (row["gender"] or "").strip().lower()
-            activity = (row["activity"] or "").strip()
-            source = (row["image"] or "").strip()
-            if gender not in FLIP:
-                raise ValueError(f"{csv_path}:{line}: gender must be 'man' or 'woman', got {row['gender']!r}")
-            if not activity:
-                raise ValueError(f"{csv_path}:{line}: empty activity")
-            path = root / source
-            if not source or not path.is_file():
-                raise ValueError(f"{csv_path}:{line}: image {path} does not exist")
-            rows.append({"path": path, "source": source, "gender": gender, "activity": activity, "line": line})
-    if not rows:
-        raise ValueError(f"{csv_path} has no rows")
-    return rows
+    """The CSV's rows (``open_clip_po.data.gender_csv``); every image must exist."""
+    return read_gender_csv(csv_path, images_root, check_images=True)
 
 
 def _encode(row, image_size, image_format, quality):
-    return encode_image(fit_square(load_image(row["path"], image_size), image_size), image_format, quality)
+    return encode_image(fit_square(load_image(row["image"], image_size), image_size), image_format, quality)
 
 
 def build_gender(csv_path, out, images_root=None, template="The {gender} is {activity}",
@@ -68,7 +40,8 @@ def build_gender(csv_path, out, images_root=None, template="The {gender} is {act
     random.Random(seed).shuffle(rows)
     encode = partial(_encode, image_size=image_size, image_format=image_format, quality=quality)
     wkw = dict(max_count=max_count, max_size=max_size)
-    with ShardWriter(out, "pref", **wkw) as pref, ShardWriter(out, "reg", **wkw) as reg:
+    with StagedBuild(out) as build, ShardWriter(build, "pref", **wkw) as pref, \
+            ShardWriter(build, "reg", **wkw) as reg:
         for index, (row, data) in enumerate(zip(rows, ordered_map(encode, rows, workers=workers,
                                                                   desc=f"gender → {out}", quiet=quiet))):
             y_w = format_caption(template, gender=FLIP[row["gender"]], activity=row["activity"]).encode("utf-8")
@@ -83,8 +56,7 @@ def build_gender(csv_path, out, images_root=None, template="The {gender} is {act
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m open_clip_po.data.gender", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = builder_parser("open_clip_po.data.gender", __doc__)
     parser.add_argument("--csv", required=True, help="CSV with header image,gender,activity")
     parser.add_argument("--out", required=True, help="output folder for pref-*.tar, reg-*.tar, sizes.json")
     parser.add_argument("--images-root", default=None, help="folder the image paths are relative to "
@@ -95,19 +67,11 @@ def main(argv=None) -> int:
                         help="D_reg caption template with {activity}")
     parser.add_argument("--image-size", type=int, default=None,
                         help="resize the shorter side and centre-crop to a square (default: keep size)")
-    parser.add_argument("--workers", type=int, default=0, help="encoding processes (default 0 = in-process)")
     add_writer_args(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        build_gender(args.csv, args.out, images_root=args.images_root, template=args.template,
-                     reg_template=args.reg_template, image_size=args.image_size, image_format=args.image_format,
-                     quality=args.quality, seed=args.seed, workers=args.workers, quiet=args.quiet,
-                     **writer_kwargs(args))
-    except ValueError as exn:
-        print(f"error: {exn}", file=sys.stderr)
-        return 2
-    return 0
+    return run_builder(lambda: build_gender(
+        args.csv, args.out, images_root=args.images_root, template=args.template, reg_template=args.reg_template,
+        image_size=args.image_size, **writer_kwargs(args)))
 
 
 if __name__ == "__main__":

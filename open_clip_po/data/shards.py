@@ -1,20 +1,17 @@
-"""The triplet shard format and a deterministic, atomic WebDataset shard writer.
+"""The triplet shard format and a deterministic shard writer.
 
-One sample is the tar members sharing a key (see README, "Data"):
-``KEY.jpg`` (or png/jpeg/webp) the image, ``KEY.yw.txt`` the preferred caption, ``KEY.yl.txt`` the
-dispreferred caption, ``KEY.txt`` a copy of y_w (stock open_clip loaders read it), ``KEY.json`` optional
+One sample is the tar members sharing a key (see docs/data.md, "Format"):
+``KEY.jpg`` (or another of ``IMAGE_EXTENSIONS``) the image, ``KEY.yw.txt`` the preferred caption, ``KEY.yl.txt``
+the dispreferred caption, ``KEY.txt`` a copy of y_w (stock open_clip loaders read it), ``KEY.json`` optional
 metadata. D_reg shards are plain open_clip pairs (image + ``txt``). ``sizes.json`` maps shard file name to
 sample count, as ``open_clip_train.data.get_dataset_size`` reads it.
 
-Writers here are byte-deterministic (fixed mtime/uid/gid/names, members in the order given) and atomic (a
-shard is written under a temporary name and renamed when complete).
+Writers here are byte-deterministic (fixed mtime/uid/gid/names, members in the order given); how a set of shards
+is published whole is ``open_clip_po.data.publish``.
 """
 from __future__ import annotations
 
-import argparse
 import io
-import json
-import logging
 import os
 import re
 import tempfile
@@ -23,15 +20,17 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..atomic import write_text
+from ..atomic import writer_tag
+from .image_files import IMAGE_EXTENSIONS
+from .publish import SIZES_FILE, StagedBuild
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # what the reader accepts as the image member
+IMAGE_EXTS = IMAGE_EXTENSIONS  # the older name
 YW, YL, TXT, META = "yw.txt", "yl.txt", "txt", "json"
-SIZES_FILE = "sizes.json"
 SHARD_PATTERN = "{prefix}-{index:06d}.tar"
-# Source images a builder accepts in an image folder (anything Pillow opens; re-encoded on the way).
-SOURCE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"}
 _KEY_OK = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+__all__ = ["IMAGE_EXTS", "YW", "YL", "TXT", "META", "SIZES_FILE", "SHARD_PATTERN", "ShardWriter", "check_key",
+           "tar_header", "fit_square", "encode_image", "load_image"]
 
 
 def check_key(key: str) -> str:
@@ -39,17 +38,6 @@ def check_key(key: str) -> str:
     if not _KEY_OK.match(key):
         raise ValueError(f"sample key {key!r} must match [A-Za-z0-9_-]+ (no dots, slashes or spaces)")
     return key
-
-
-def update_sizes(out_dir: str | os.PathLike, sizes: dict[str, int], drop: tuple[str, ...] = ()) -> Path:
-    """Merge ``sizes`` into ``out_dir/sizes.json`` (atomically), removing entries named in ``drop``."""
-    path = Path(out_dir) / SIZES_FILE
-    merged = json.loads(path.read_text()) if path.exists() else {}
-    for name in drop:
-        merged.pop(name, None)
-    merged.update({k: int(v) for k, v in sizes.items()})
-    write_text(path, json.dumps(merged, indent=1, sort_keys=True) + "\n")
-    return path
 
 
 def _member_bytes(size: int) -> int:
@@ -75,18 +63,24 @@ def tar_header(name: str, size: int) -> bytes:
 
 
 class ShardWriter:
-    """Write samples to ``out_dir/PREFIX-000000.tar, ...``, rolling over at ``max_count``/``max_size``.
+    """Write samples to ``PREFIX-000000.tar, ...`` of a shard folder, rolling over at ``max_count``/``max_size``.
 
-    Byte-identical output for identical input; each shard appears under its final name only once complete.
-    ``close()`` records the counts in ``sizes.json`` and removes stale ``PREFIX-*.tar`` from earlier runs.
+    Byte-identical output for identical input. Given a ``StagedBuild`` as ``out``, the shards are part of that
+    build; given a folder, the writer is a build of its own: it locks the folder, writes into a staging folder,
+    and ``close()`` publishes the shards, ``sizes.json`` and the completion manifest into it
+    (replacing the shards of an earlier run with the same prefix; see ``open_clip_po.data.publish``). Leaving a
+    ``with`` block by an exception publishes nothing.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, prefix: str, max_count: int = 10_000,
+    def __init__(self, out: str | os.PathLike | StagedBuild, prefix: str, max_count: int = 10_000,
                  max_size: int = 3 << 30):
         if max_count < 1 or max_size < 1:
             raise ValueError("max_count and max_size must be positive")
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._own_build = None
+        build = out
+        if not isinstance(out, StagedBuild):
+            build = self._own_build = StagedBuild(out).open()
+        self.build, self.folder = build, Path(build.path)
         self.prefix, self.max_count, self.max_size = prefix, max_count, max_size
         self.sizes: dict[str, int] = {}
         self._file = self._tmp = self._name = None
@@ -96,7 +90,7 @@ class ShardWriter:
     # -- shard lifecycle
     def _open_next(self) -> None:
         self._name = SHARD_PATTERN.format(prefix=self.prefix, index=len(self.sizes))
-        fd, self._tmp = tempfile.mkstemp(prefix=f".{self._name}.", suffix=".tmp", dir=self.out_dir)
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{self._name}.{writer_tag()}.", suffix=".tmp", dir=self.folder)
         self._file = os.fdopen(fd, "wb")
         self._count = self._offset = 0
 
@@ -107,7 +101,7 @@ class ShardWriter:
         end = self._offset + 2 * tarfile.BLOCKSIZE
         self._file.write(bytes(2 * tarfile.BLOCKSIZE + (-end) % tarfile.RECORDSIZE))
         self._file.close()
-        os.replace(self._tmp, self.out_dir / self._name)
+        os.replace(self._tmp, self.folder / self._name)
         self.sizes[self._name] = self._count
         self._file = self._tmp = None
 
@@ -116,6 +110,9 @@ class ShardWriter:
             self._file.close()
             os.remove(self._tmp)
             self._file = self._tmp = None
+        self._closed = True
+        if self._own_build is not None:
+            self._own_build.abort()
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
         """Add one sample: ``members`` maps extension (``"jpg"``, ``"yw.txt"``...) to bytes, written in order."""
@@ -139,15 +136,9 @@ class ShardWriter:
             return self.sizes
         self._finish()
         self._closed = True
-        stale = []
-        pattern = re.compile(re.escape(self.prefix) + r"-\d{6}\.tar$")
-        for path in sorted(self.out_dir.iterdir()):
-            if pattern.match(path.name) and path.name not in self.sizes:
-                stale.append(path.name)
-                path.unlink()
-        if stale:
-            logging.info("removed %d stale shard(s) from an earlier run: %s", len(stale), ", ".join(stale))
-        update_sizes(self.out_dir, self.sizes, drop=tuple(stale))
+        self.build.add_shards(self.prefix, self.sizes)
+        if self._own_build is not None:
+            self._own_build.commit()
         return self.sizes
 
     def __enter__(self):
@@ -183,7 +174,7 @@ def encode_image(image: Image.Image, fmt: str = "jpg", quality: int = 95) -> byt
     elif fmt == "webp":
         image.save(buf, format="WEBP", quality=quality)
     else:
-        raise ValueError(f"unknown image format {fmt!r}; use one of {IMAGE_EXTS}")
+        raise ValueError(f"unknown image format {fmt!r}; use jpg, png or webp")
     return buf.getvalue()
 
 
@@ -196,56 +187,3 @@ def load_image(path: str | os.PathLike, min_side: int | None = None) -> Image.Im
             return im.convert("RGB")
     except Exception as exn:  # Pillow raises several types; name the file once, clearly
         raise ValueError(f"cannot read image {path}: {exn}") from exn
-
-
-# -- image folders (one sub-folder per class, like torchvision's ImageFolder)
-def scan_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[Path, int]]]:
-    """Sorted class folders and sorted ``(path, class_index)`` items."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ValueError(f"image folder {root} does not exist")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise ValueError(f"{root} has no class sub-folders (expected DIR/<class>/<image>)")
-    items = []
-    for index, name in enumerate(classes):
-        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in SOURCE_EXTS and p.is_file())
-        if not files:
-            logging.warning("class folder %s has no images", root / name)
-        items.extend((p, index) for p in files)
-    if not items:
-        raise ValueError(f"{root} has no images with extensions {sorted(SOURCE_EXTS)}")
-    return classes, items
-
-
-def load_classnames(path: str | os.PathLike | None, folders: list[str]) -> list[str]:
-    """Readable class names: one per line in FILE (in sorted-folder order), else folder names with _ → space."""
-    if path is None:
-        return [f.replace("_", " ") for f in folders]
-    names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    if len(names) != len(folders):
-        raise ValueError(f"{path} has {len(names)} class names but the image folder has {len(folders)} classes")
-    return names
-
-
-def format_caption(template: str, **fields) -> str:
-    try:
-        return template.format(*fields.values()) if "{}" in template else template.format(**fields)
-    except (IndexError, KeyError) as exn:
-        raise ValueError(f"caption template {template!r} needs a field we do not have ({exn}); "
-                         f"available: {sorted(fields)}") from None
-
-
-def add_writer_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("sharding")
-    g.add_argument("--max-count", type=int, default=10_000, help="samples per shard (default 10000)")
-    g.add_argument("--max-size", type=float, default=3.0, help="shard size limit in GB (default 3)")
-    g.add_argument("--image-format", default="jpg", choices=["jpg", "png", "webp"],
-                   help="encoding of written images (default jpg)")
-    g.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (default 95)")
-    g.add_argument("--seed", type=int, default=0, help="same seed and inputs give byte-identical shards")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def writer_kwargs(args) -> dict:
-    return dict(max_count=args.max_count, max_size=int(args.max_size * (1 << 30)))

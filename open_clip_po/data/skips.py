@@ -4,7 +4,7 @@ Kinds (preference stream; the D_reg stream uses the same names prefixed ``reg_``
 
 - ``unreadable_shard``    a shard could not be opened (missing file, failed pipe/http)
 - ``truncated_shard``     a shard's tar stream broke off or is corrupt (the samples read before are kept)
-- ``missing_image``       no ``jpg``/``jpeg``/``png``/``webp`` member under the key
+- ``missing_image``       no image member (an extension of ``image_files.IMAGE_EXTENSIONS``) under the key
 - ``missing_yw``          no ``yw.txt`` member (preference stream only)
 - ``missing_yl``          no ``yl.txt`` member (preference stream only)
 - ``missing_caption``     no ``txt`` member (D_reg stream only)
@@ -15,7 +15,8 @@ Kinds (preference stream; the D_reg stream uses the same names prefixed ``reg_``
 
 Counting happens where the sample is read (possibly a DataLoader worker); each batch carries the counts since the
 worker's previous batch in ``batch["skipped"]``, the trainer feeds them to a :class:`SkipLedger`, which sums them
-across ranks and logs them.
+across ranks and logs them. Counts that no batch carried (a reader met them after its last batch, or yielded
+none) wait in the loader; a ledger that ``watch``-es the loader collects them before it logs.
 """
 from __future__ import annotations
 
@@ -68,13 +69,19 @@ class SkipCounter:
 class SkipLedger:
     """Sums ``batch["skipped"]`` over an epoch and a run; ``all_reduce`` sums over ranks.
 
-    ``add(skipped)`` per batch; ``log(epoch)`` at each epoch end and at the end of training. When
+    ``add(skipped)`` per batch; ``watch(loader)`` once; ``log(epoch)`` at each epoch end and at the end of
+    training. When
     torch.distributed is initialised, ``log`` and ``all_reduce`` are collectives: call them on every rank.
     """
 
     def __init__(self):
         self.totals: dict[str, int] = {k: 0 for k in SKIP_KINDS}
         self._logged: dict[str, int] = dict(self.totals)  # global totals at the previous log()
+        self._watched: list = []
+
+    def watch(self, loader) -> None:
+        """Also count what ``loader.drain_skips()`` holds (skips no batch carried) at every ``log``."""
+        self._watched.append(loader)
 
     def add(self, skipped: dict | None) -> None:
         for kind, count in (skipped or {}).items():
@@ -98,6 +105,8 @@ class SkipLedger:
 
     def log(self, epoch: int | None = None) -> dict[str, int]:
         """Log one line: skips since the previous log and in total (all ranks); return the totals."""
+        for loader in self._watched:
+            self.add(loader.drain_skips())
         totals = self.all_reduce()
         since = {k: totals[k] - self._logged[k] for k in SKIP_KINDS}
         self._logged = dict(totals)

@@ -23,23 +23,24 @@ Every random choice comes from ``random.Random`` seeded by (seed, source path), 
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import logging
 import math
 import os
 import random
-import sys
 from functools import partial
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ..atomic import atomic_path
-from ._build import ordered_map, write_lines
-from .shards import (META, TXT, YL, YW, ShardWriter, add_writer_args, encode_image, fit_square,
-                     format_caption, load_classnames, load_image, scan_image_folder, writer_kwargs)
+from ..atomic import atomic_path, remove_stale_temp_files
+from ._build import (add_writer_args, builder_parser, format_caption, ordered_map, run_builder, write_lines,
+                     writer_kwargs)
+from .classnames import CLASSNAMES_FILE, classnames_for_folders
+from .image_files import scan_class_folders
+from .publish import StagedBuild
+from .shards import META, TXT, YL, YW, ShardWriter, encode_image, fit_square, load_image
 
 COLORS = {
     "white": (255, 255, 255), "blue": (0, 0, 255), "green": (0, 255, 0), "red": (255, 0, 0),
@@ -188,25 +189,26 @@ def build_typographic(images, out, per_image=1, image_size=224, template="a phot
     for font in fonts:
         if font != PIL_DEFAULT_FONT and not Path(font).is_file():
             raise ValueError(f"font file {font} does not exist")
-    folders, items = scan_image_folder(images)
-    names = load_classnames(classnames, folders)
+    folders, items = scan_class_folders(images, empty_class="warn")
+    names = classnames_for_folders(classnames, folders)
     _check_names(names)
     random.Random(seed).shuffle(items)
     work = partial(_attack_one, root=Path(images), names=names, image_size=image_size, per_image=per_image,
                    fonts=tuple(fonts), size_range=tuple(size_range), image_format=image_format, quality=quality,
                    seed=seed)
     wkw = dict(max_count=max_count, max_size=max_size)
-    with ShardWriter(out, "pref", **wkw) as pref, ShardWriter(out, "reg", **wkw) as reg:
-        for index, (source, label, clean, attacks) in enumerate(
-                ordered_map(work, items, workers=workers, desc=f"typographic → {out}", quiet=quiet)):
-            y_w = format_caption(template, classname=names[label]).encode("utf-8")
-            reg.write(f"{index:08d}", {image_format: clean, TXT: y_w, META: _json(label=label, source=source)})
-            for copy, (data, written, params) in enumerate(attacks):
-                y_l = format_caption(template, classname=names[written]).encode("utf-8")
-                pref.write(f"{index:08d}_{copy}", {
-                    image_format: data, YW: y_w, YL: y_l, TXT: y_w,
-                    META: _json(label=label, written=written, source=source, attack=params)})
-    write_lines(Path(out) / "classnames.txt", names)
+    with StagedBuild(out) as build:
+        with ShardWriter(build, "pref", **wkw) as pref, ShardWriter(build, "reg", **wkw) as reg:
+            for index, (source, label, clean, attacks) in enumerate(
+                    ordered_map(work, items, workers=workers, desc=f"typographic → {out}", quiet=quiet)):
+                y_w = format_caption(template, classname=names[label]).encode("utf-8")
+                reg.write(f"{index:08d}", {image_format: clean, TXT: y_w, META: _json(label=label, source=source)})
+                for copy, (data, written, params) in enumerate(attacks):
+                    y_l = format_caption(template, classname=names[written]).encode("utf-8")
+                    pref.write(f"{index:08d}_{copy}", {
+                        image_format: data, YW: y_w, YL: y_l, TXT: y_w,
+                        META: _json(label=label, written=written, source=source, attack=params)})
+        write_lines(build.path / CLASSNAMES_FILE, names)
     sizes = {**pref.sizes, **reg.sizes}
     logging.info("wrote %d preference and %d clean samples to %s", sum(pref.sizes.values()),
                  sum(reg.sizes.values()), out)
@@ -219,15 +221,17 @@ def build_typographic(images, out, per_image=1, image_size=224, template="a phot
 def build_eval_folder(images, out, names, image_size=224, fonts=None, size_range=SIZE_RANGE_224, seed=0,
                       workers=0, quiet=False) -> list[dict]:
     """An attacked copy of an image folder (same class layout); returns the ``attacks.jsonl`` records."""
-    folders, items = scan_image_folder(images)
+    folders, items = scan_class_folders(images, empty_class="warn")
     if len(folders) != len(names):
         raise ValueError(f"{images} has {len(folders)} classes, the training folder {len(names)}")
     Path(out).mkdir(parents=True, exist_ok=True)
+    for folder in [Path(out), *(Path(out) / f for f in folders)]:
+        remove_stale_temp_files(folder)  # of an earlier, killed run (each file is written atomically)
     work = partial(_attack_eval, root=Path(images), out=Path(out), names=names, image_size=image_size,
                    fonts=tuple(fonts or default_fonts()), size_range=tuple(size_range), seed=seed)
     records = list(ordered_map(work, items, workers=workers, desc=f"eval attacks → {out}", quiet=quiet))
     write_lines(Path(out) / "attacks.jsonl", (json.dumps(r, sort_keys=True) for r in records))
-    write_lines(Path(out) / "classnames.txt", names)
+    write_lines(Path(out) / CLASSNAMES_FILE, names)
     return records
 
 
@@ -236,8 +240,7 @@ def _json(**fields) -> bytes:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m open_clip_po.data.typographic", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = builder_parser("open_clip_po.data.typographic", __doc__)
     parser.add_argument("--images", required=True, help="image folder: DIR/<class>/<image>")
     parser.add_argument("--out", required=True, help="output folder for pref-*.tar, reg-*.tar, sizes.json")
     parser.add_argument("--per-image", type=int, default=1, help="attacked copies per image (default 1)")
@@ -252,20 +255,12 @@ def main(argv=None) -> int:
                         help="font size range in px at 224 px, scaled with the image (default 20 40)")
     parser.add_argument("--eval-out", default=None, help="also write an attacked copy of --eval-images here")
     parser.add_argument("--eval-images", default=None, help="folder to attack for --eval-out (default --images)")
-    parser.add_argument("--workers", type=int, default=0, help="rendering processes (default 0 = in-process)")
     add_writer_args(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        build_typographic(args.images, args.out, per_image=args.per_image, image_size=args.image_size,
-                          template=args.template, classnames=args.classnames, fonts=args.fonts,
-                          size_range=tuple(args.font_size), seed=args.seed, image_format=args.image_format,
-                          quality=args.quality, workers=args.workers, quiet=args.quiet,
-                          eval_out=args.eval_out, eval_images=args.eval_images, **writer_kwargs(args))
-    except ValueError as exn:
-        print(f"error: {exn}", file=sys.stderr)
-        return 2
-    return 0
+    return run_builder(lambda: build_typographic(
+        args.images, args.out, per_image=args.per_image, image_size=args.image_size, template=args.template,
+        classnames=args.classnames, fonts=args.fonts, size_range=tuple(args.font_size), eval_out=args.eval_out,
+        eval_images=args.eval_images, **writer_kwargs(args)))
 
 
 if __name__ == "__main__":

@@ -2,12 +2,12 @@
 
 Every loader yields ``(images, labels, written)`` batches; ``written`` is the class whose name is
 printed on the image, ``-1`` for clean images. Unreadable samples are skipped, logged and counted
-(the count comes back with the batch), never dropped silently.
+(the count comes back with the batch), never dropped silently. Shard patterns, tar streaming, image decoding,
+class-name files and class folders are those of the training data layer (``open_clip_po.data``).
 """
 from __future__ import annotations
 
-import glob
-import io
+import contextlib
 import json
 import logging
 import os
@@ -19,14 +19,17 @@ from typing import Callable, Sequence
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from open_clip_po.data.classnames import CLASSNAMES_FILE, classnames_for_folders, read_classnames
+from open_clip_po.data.errors import DataError
+from open_clip_po.data.image_files import list_class_folders, scan_class_folders
+from open_clip_po.data.patterns import expand_shards, is_shard_spec
 
 from .errors import EvalError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")
 NO_WRITTEN_CLASS = -1
 
 
@@ -39,52 +42,6 @@ class EvalSet:
     attacked: bool                       # images carry a written (typographic) class
     num_samples: int | None = None       # None for shards (not known before reading)
     description: dict = field(default_factory=dict)
-
-
-# ----------------------------------------------------------------------------------------------
-# Class folders
-
-
-def list_class_folders(root: str | os.PathLike) -> list[str]:
-    root = Path(root)
-    if not root.exists():
-        raise EvalError(f"image folder not found: {root}")
-    if not root.is_dir():
-        raise EvalError(f"not a folder of class folders: {root}")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise EvalError(f"{root} has no class folders (expected {root}/<class>/<image>)")
-    return classes
-
-
-def list_images(folder: Path) -> list[Path]:
-    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not images:
-        raise EvalError(f"class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-    return images
-
-
-def folder_to_classname(folder: str) -> str:
-    return folder.replace("_", " ")
-
-
-def read_classnames(path: str | os.PathLike, expected: int | None = None) -> list[str]:
-    path = Path(path)
-    if not path.is_file():
-        raise EvalError(f"classnames file not found: {path}")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not names:
-        raise EvalError(f"classnames file {path} is empty")
-    if expected is not None and len(names) != expected:
-        raise EvalError(f"classnames file {path} has {len(names)} names but the images have {expected} classes")
-    return names
-
-
-def scan_class_folder(root) -> tuple[list[str], list[tuple[str, int]]]:
-    """``(class folder names sorted, [(path, class index)])``; errors on empty folders."""
-    classes = list_class_folders(root)
-    samples = [(str(path), index) for index, name in enumerate(classes) for path in list_images(Path(root) / name)]
-    return classes, samples
 
 
 # open_clip_po.data.typographic --eval-out names files ``<stem>_true<T>_written<W>.png``.
@@ -116,8 +73,9 @@ def scan_typographic_folder(root, clean_classes: Sequence[str]) -> list[tuple[st
     if extra:
         raise EvalError(f"typographic folder {root} has class folder {extra[0]!r} that the clean set lacks")
     index = {name: i for i, name in enumerate(clean_classes)}
-    return [(str(path), index[name], parse_written_class(path, len(clean_classes), index[name]))
-            for name in classes for path in list_images(Path(root) / name)]
+    _, items = scan_class_folders(root)
+    return [(str(path), index[classes[i]], parse_written_class(path, len(clean_classes), index[classes[i]]))
+            for path, i in items]
 
 
 class OnTheFlyAttack:
@@ -165,38 +123,6 @@ class FolderDataset(Dataset):
 # WebDataset shards (``cls`` = true class index; optional ``json`` with ``label`` and ``written``)
 
 
-def is_shard_spec(spec: str) -> bool:
-    return spec.endswith(".tar") or any(c in spec for c in "{*?") or "::" in spec or (
-        os.path.isdir(spec) and bool(glob.glob(os.path.join(spec, "*.tar"))))
-
-
-def expand_shards(spec: str) -> list[str]:
-    import braceexpand
-
-    if os.path.isdir(spec):
-        urls = sorted(glob.glob(os.path.join(spec, "*.tar")))
-    else:
-        urls = [u for part in spec.split("::") for u in braceexpand.braceexpand(part)]
-        # Shell-style patterns (quoted, e.g. 'OUT/pref-*.tar') are expanded here, sorted.
-        urls = [m for u in urls for m in (sorted(glob.glob(u)) if any(c in u for c in "*?[") else [u])]
-    missing = [u for u in urls if "://" not in u and not os.path.isfile(u)]
-    if missing:
-        raise EvalError(f"shard not found: {missing[0]}" + (f" ({len(missing)} missing)" if len(missing) > 1 else ""))
-    if not urls:
-        raise EvalError(f"no shards in {spec}")
-    return urls
-
-
-def shard_classnames(spec: str, classnames_file: str | None) -> list[str]:
-    if classnames_file:
-        return read_classnames(classnames_file)
-    folder = spec if os.path.isdir(spec) else os.path.dirname(expand_shards(spec)[0])
-    candidate = os.path.join(folder, "classnames.txt")
-    if os.path.isfile(candidate):
-        return read_classnames(candidate)
-    raise EvalError(f"shards {spec} need class names: pass --classnames FILE or put classnames.txt beside them")
-
-
 def _decode_label(sample: dict) -> tuple[int, int]:
     meta = json.loads(sample["json"]) if "json" in sample else {}
     if "cls" in sample:
@@ -210,44 +136,101 @@ def _decode_label(sample: dict) -> tuple[int, int]:
 
 
 class ShardDataset(IterableDataset):
+    """Every sample of ``urls`` (split by DataLoader worker only: evaluation runs on one rank, even inside a
+    distributed job); a bad sample or broken shard yields ``None`` (counted by the collate function)."""
+
     def __init__(self, urls: Sequence[str], preprocess: Callable, num_classes: int,
                  attack: OnTheFlyAttack | None = None):
         self.urls, self.preprocess, self.num_classes, self.attack = list(urls), preprocess, num_classes, attack
 
-    def __iter__(self):
-        import webdataset as wds
+    def _decode(self, sample, counter):
+        from open_clip_po.data.decode import decode_rgb, find_image_member
 
-        # Decode by hand so a bad sample is counted rather than swallowed by a handler.
-        # Every caller reads every shard: evaluation runs on one rank, even inside a distributed job.
-        # Built from webdataset's stages (same API in 0.2.x and 1.x): all shards, split by worker only.
-        pipeline = wds.DataPipeline(wds.SimpleShardList(self.urls), wds.split_by_worker, wds.tarfile_to_samples())
-        for sample in pipeline:
-            if "__key__" not in sample:   # webdataset's end-of-shard marker, not a sample
-                continue
-            key = f"{sample.get('__url__', '?')}:{sample['__key__']}"
-            try:
-                image_key = next(k for k in SHARD_IMAGE_KEYS if k in sample)
-                with Image.open(io.BytesIO(sample[image_key])) as im:
-                    image = im.convert("RGB")
-                label, written = _decode_label(sample)
-                if not 0 <= label < self.num_classes:
-                    raise ValueError(f"class {label} outside 0..{self.num_classes - 1}")
-            except StopIteration:
-                log.warning("skipping sample %s: no image (%s)", key, "/".join(SHARD_IMAGE_KEYS))
-                yield None
-                continue
-            except Exception as e:
-                log.warning("skipping sample %s: %s", key, e)
-                yield None
-                continue
-            if self.attack is not None:
-                sample_id = f"{os.path.basename(str(sample.get('__url__', '')))}/{sample['__key__']}"
-                image, written = self.attack(image, label, sample_id)
-            yield self.preprocess(image), label, written
+        ext = find_image_member(sample, counter)
+        image = decode_rgb(sample, ext, counter) if ext is not None else None
+        if image is None:
+            return None
+        try:
+            label, written = _decode_label(sample)
+            if not 0 <= label < self.num_classes:
+                raise ValueError(f"class {label} outside 0..{self.num_classes - 1}")
+        except Exception as e:  # a bad label is one bad sample, like a bad image
+            log.warning("skipping sample %s:%s: %s", sample["__url__"], sample["__key__"], e)
+            return False
+        if self.attack is not None:
+            sample_id = f"{os.path.basename(str(sample['__url__']))}/{sample['__key__']}"
+            image, written = self.attack(image, label, sample_id)
+        return self.preprocess(image), label, written
+
+    def __iter__(self):
+        from open_clip_po.data.skips import SkipCounter
+        from open_clip_po.data.tar import read_samples
+
+        info = get_worker_info()
+        urls = self.urls[info.id::info.num_workers] if info is not None else self.urls
+        counter = SkipCounter()  # logs each skip with shard and key; the Nones carry the count
+        for sample in read_samples(urls, counter):
+            item = self._decode(sample, counter)
+            yield from [None] * (sum(counter.drain().values()) + (item is False))
+            if item:
+                yield item
+        yield from [None] * sum(counter.drain().values())  # broken shards
 
 
 # ----------------------------------------------------------------------------------------------
 # Opening sets and batching
+
+
+@contextlib.contextmanager
+def _as_eval_errors():
+    try:
+        yield
+    except DataError as e:  # the evaluation CLI reports EvalError as one line
+        raise EvalError(str(e)) from None
+
+
+def shard_classnames(spec: str, classnames_file: str | None) -> list[str]:
+    """``--classnames FILE``, else the ``classnames.txt`` that builders write beside the shards."""
+    if classnames_file:
+        return read_classnames(classnames_file)
+    folder = spec if os.path.isdir(spec) else os.path.dirname(expand_shards(spec, flag="--images")[0][0])
+    candidate = os.path.join(folder, CLASSNAMES_FILE)
+    if os.path.isfile(candidate):
+        return read_classnames(candidate)
+    raise EvalError(f"shards {spec} need class names: pass --classnames FILE or put {CLASSNAMES_FILE} beside them")
+
+
+@_as_eval_errors()
+def open_eval_set(source: str, classnames: Sequence[str], preprocess: Callable, *, attack=None,
+                  typographic: bool = False, clean_folders: Sequence[str] | None = None) -> EvalSet:
+    """One set: shards or a class folder at ``source``; ``attack`` attacks it on the fly; ``typographic``: its
+    images are attacked copies (files named ``..._written<W>``, class folders as ``clean_folders``)."""
+    names, attacked = list(classnames), attack is not None or typographic
+    name = Path(source.rstrip("/")).name or source
+    if is_shard_spec(source):
+        urls, _ = expand_shards(source, flag="--typographic" if typographic else "--images", require_all=True)
+        dataset, num_samples = ShardDataset(urls, preprocess, len(names), attack), None
+        description = {"source": "webdataset", "path": source, "shards": len(urls)}
+    else:
+        if typographic:
+            samples = scan_typographic_folder(source, clean_folders)
+        else:
+            samples = [(str(path), index) for path, index in scan_class_folders(source)[1]]
+        dataset, num_samples = FolderDataset(samples, preprocess, attack), len(samples)
+        description = {"source": "folder", "path": source}
+    if attack is not None:
+        description = {"source": "on-the-fly", "seed": attack.seed}
+    return EvalSet(name, names, dataset, attacked=attacked, num_samples=num_samples, description=description)
+
+
+def _eval_classnames(images: str, folders, classnames, classnames_file) -> list[str]:
+    if folders is None:  # shards
+        return list(classnames) if classnames else shard_classnames(images, classnames_file)
+    if classnames:
+        if len(classnames) != len(folders):
+            raise EvalError(f"{len(classnames)} class names given but {images} has {len(folders)} class folders")
+        return list(classnames)
+    return classnames_for_folders(classnames_file, folders)
 
 
 def open_eval_sets(images: str, preprocess: Callable, *, typographic: str | None = None,
@@ -256,52 +239,18 @@ def open_eval_sets(images: str, preprocess: Callable, *, typographic: str | None
     """The clean set and, if asked for, the attacked one (a typographic copy or an on-the-fly attack)."""
     if typographic is not None and attack_seed is not None:
         raise EvalError("give either a typographic folder or an on-the-fly attack seed, not both")
-    name = Path(images.rstrip("/")).name or images
-    if is_shard_spec(images):
-        names = list(classnames) if classnames else shard_classnames(images, classnames_file)
-        urls = expand_shards(images)
-        clean = EvalSet(name, names, ShardDataset(urls, preprocess, len(names)), attacked=False,
-                        description={"source": "webdataset", "shards": len(urls)})
-        attacked = None
-        if attack_seed is not None:
-            attack = OnTheFlyAttack(names, attack_seed, fonts)
-            attacked = EvalSet(name, names, ShardDataset(urls, preprocess, len(names), attack), attacked=True,
-                               description={"source": "on-the-fly", "seed": attack_seed})
-        elif typographic is not None:
-            if not is_shard_spec(typographic):
-                raise EvalError(f"with shards as the clean images, the typographic set must be shards too, "
-                                f"not {typographic}")
-            attacked = EvalSet(Path(typographic).name, names,
-                               ShardDataset(expand_shards(typographic), preprocess, len(names)), attacked=True,
-                               description={"source": "webdataset", "path": typographic})
-        return clean, attacked
-
-    folders, samples = scan_class_folder(images)
-    if classnames:
-        names = list(classnames)
-        if len(names) != len(folders):
-            raise EvalError(f"{len(names)} class names given but {images} has {len(folders)} class folders")
-    elif classnames_file:
-        names = read_classnames(classnames_file, expected=len(folders))
-    else:
-        names = [folder_to_classname(f) for f in folders]
-    clean = EvalSet(name, names, FolderDataset(samples, preprocess), attacked=False, num_samples=len(samples),
-                    description={"source": "folder", "path": images})
+    with _as_eval_errors():
+        folders = None if is_shard_spec(images) else list_class_folders(images)
+        names = _eval_classnames(images, folders, classnames, classnames_file)
+    clean = open_eval_set(images, names, preprocess)
     attacked = None
     if attack_seed is not None:
-        attacked = EvalSet(name, names, FolderDataset(samples, preprocess, OnTheFlyAttack(names, attack_seed, fonts)),
-                           attacked=True, num_samples=len(samples),
-                           description={"source": "on-the-fly", "seed": attack_seed})
+        attacked = open_eval_set(images, names, preprocess, attack=OnTheFlyAttack(names, attack_seed, fonts))
     elif typographic is not None:
-        if is_shard_spec(typographic):
-            attacked = EvalSet(Path(typographic).name, names,
-                               ShardDataset(expand_shards(typographic), preprocess, len(names)), attacked=True,
-                               description={"source": "webdataset", "path": typographic})
-        else:
-            attacked_samples = scan_typographic_folder(typographic, folders)
-            attacked = EvalSet(Path(typographic).name, names, FolderDataset(attacked_samples, preprocess),
-                               attacked=True, num_samples=len(attacked_samples),
-                               description={"source": "folder", "path": typographic})
+        if folders is None and not is_shard_spec(typographic):
+            raise EvalError(f"with shards as the clean images, the typographic set must be shards too, "
+                            f"not {typographic}")
+        attacked = open_eval_set(typographic, names, preprocess, typographic=True, clean_folders=folders)
     return clean, attacked
 
 

@@ -10,7 +10,6 @@ top-k images by similarity under W_t at t = 0, t*, 1, counted by gender.
 """
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 from typing import Sequence
@@ -20,9 +19,6 @@ import torch
 from .errors import EvalError
 from .report import SINGLE_FIGSIZE, WIDE_FIGSIZE, new_figure, save_figure, write_csv, write_json
 
-GENDER_ALIASES = {"man": "man", "men": "man", "male": "man", "m": "man",
-                  "woman": "woman", "women": "woman", "female": "woman", "f": "woman", "w": "woman"}
-IMAGE_COLUMNS = ("image", "image_path", "path", "filepath", "file", "filename")
 # The defaults of open_clip_po.data.gender, so evaluation asks what training taught.
 DEFAULT_CAPTION = "The {gender} is {activity}"
 DEFAULT_NEUTRAL = "The person is {activity}"
@@ -51,34 +47,17 @@ def find_crossing(ts: Sequence[float], diff: Sequence[float], start: float = 0.0
 
 
 def read_gender_csv(path: str, images_root: str | None = None) -> list[dict]:
-    """Rows ``{"image", "gender" ∈ {man, woman}, "activity"}``; image paths relative to ``images_root``
-    (default: the CSV's folder), as for ``open_clip_po.data.gender``."""
-    csv_path = Path(path)
-    root = Path(images_root) if images_root else csv_path.parent
-    if not csv_path.is_file():
-        raise EvalError(f"gender CSV not found: {csv_path}")
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip().lower() for c in (reader.fieldnames or [])]
-        image_column = next((c for c in IMAGE_COLUMNS if c in columns), None)
-        if image_column is None or "gender" not in columns or "activity" not in columns:
-            raise EvalError(f"{csv_path} needs a header with image ({'|'.join(IMAGE_COLUMNS)}), gender and activity "
-                            f"columns; it has: {', '.join(columns) or 'none'}")
-        rows = []
-        for line, raw in enumerate(reader, start=2):
-            row = {k.strip().lower(): (v or "").strip() for k, v in raw.items() if k is not None}
-            gender = GENDER_ALIASES.get(row["gender"].lower())
-            if gender is None:
-                raise EvalError(f"{csv_path}:{line}: gender {row['gender']!r} is not man/woman (or male/female)")
-            if not row["activity"] or not row[image_column]:
-                raise EvalError(f"{csv_path}:{line}: empty image or activity")
-            image = Path(row[image_column])
-            rows.append({"image": str(image if image.is_absolute() else root / image),
-                         "gender": gender, "activity": row["activity"]})
-    if not rows:
-        raise EvalError(f"{csv_path} has no rows")
+    """Rows ``{"image", "gender" ∈ {man, woman}, "activity", ...}`` read by the builders' rules
+    (``open_clip_po.data.gender_csv``); the flip needs images of both genders."""
+    from open_clip_po.data.errors import GenderCsvError
+    from open_clip_po.data.gender_csv import read_gender_csv as read_rows
+
+    try:
+        rows = read_rows(path, images_root)
+    except GenderCsvError as e:
+        raise EvalError(str(e)) from None
     if len({r["gender"] for r in rows}) < 2:
-        raise EvalError(f"{csv_path} has images of one gender only; the flip needs both")
+        raise EvalError(f"{path} has images of one gender only; the flip needs both")
     return rows
 
 

@@ -6,6 +6,8 @@ import math
 import torch
 from torch import nn
 
+from .precision import at_least_float32, autocast_off
+
 __all__ = ["PreferenceLoss", "PairwiseLoss", "policy_ratio", "reward_metrics"]
 
 
@@ -65,7 +67,7 @@ class PreferenceLoss(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.hparams().items())
 
-    def hparams(self) -> dict[str, float]:
+    def hparams(self) -> dict[str, object]:
         """The hyper-parameters this instance was built with."""
         return {"beta": self.beta}
 
@@ -84,15 +86,19 @@ class PreferenceLoss(nn.Module):
                 raise ValueError(f"{type(self).__name__}: {name} has shape {tuple(value.shape)}, "
                                  f"expected {tuple(shape)} like policy_chosen_logps")
 
+    def prepare_inputs(self, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps):
+        """Checked inputs, bf16/fp16 ones upcast to float32 (losses and rewards are never computed in low precision)."""
+        self._check_inputs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+        return tuple(map(at_least_float32, (policy_chosen_logps, policy_rejected_logps,
+                                            ref_chosen_logps, ref_rejected_logps)))
+
     def forward(self, policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
                 ref_chosen_logps: torch.Tensor | None = None, ref_rejected_logps: torch.Tensor | None = None,
                 kl: torch.Tensor | float | None = None) -> dict[str, torch.Tensor]:
-        self._check_inputs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-        losses = self.per_sample_losses(policy_chosen_logps, policy_rejected_logps,
-                                        ref_chosen_logps, ref_rejected_logps)
-        out = {"loss": losses.mean()}
-        out.update(reward_metrics(self.beta, policy_chosen_logps, policy_rejected_logps,
-                                  ref_chosen_logps, ref_rejected_logps))
+        logps = self.prepare_inputs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+        with autocast_off(logps[0]):
+            out = {"loss": self.per_sample_losses(*logps).mean()}
+            out.update(reward_metrics(self.beta, *logps))
         return out
 
     def per_sample_losses(self, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
@@ -102,7 +108,8 @@ class PreferenceLoss(nn.Module):
 
 
 class PairwiseLoss(PreferenceLoss):
-    """An objective that is a function of the policy ratio h alone (DPO, IPO, hinge, robust).
+    """An objective that is a function of the policy ratio h alone (DPO with the reverse KL, IPO, hinge, robust,
+    EXO, DiscoPOP).
 
     The partition function cancels in h (Lemma 3.1), so these objectives do not depend on which
     candidate set the log-probs were normalised over.

@@ -4,8 +4,10 @@ from __future__ import annotations
 import torch
 
 from .base import PreferenceLoss
+from .registry import register_loss
 
 
+@register_loss("ce", "sft")
 class CELoss(PreferenceLoss):
     """``−log π_θ(y_w|x)`` per sample: cross-entropy towards y_w over the candidate set.
 
@@ -14,7 +16,8 @@ class CELoss(PreferenceLoss):
     captions or class prompts), never raw similarities. ``policy_rejected_logps`` and the ref inputs
     do not enter the loss (y_l is simply one of the candidates, pushed down by the softmax); they
     only feed the reward metrics, which use β = 1 here, i.e. plain log-ratios. No hyper-parameters;
-    ``requires_reference = False``.
+    ``requires_reference = False``. Also registered as ``sft``, TRL's ``loss_type`` for the NLL of y_w
+    (MPO's generation term; RPO is ``dpo,ce`` with weights ``1,α``).
     """
 
     requires_reference = False

@@ -57,3 +57,20 @@ def mean_across_ranks(value: torch.Tensor) -> torch.Tensor:
     total = value.clone().reshape(1).to(torch.float64)
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return (total / dist.get_world_size()).reshape(value.shape).to(value.dtype)
+
+
+def global_moments(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(mean, variance, count)`` of ``values`` pooled over all ranks, in float64, detached (TRL's
+    ``get_global_statistics``: the sums and counts are all-reduced, then the squared deviations from the
+    global mean). One rank: ``torch.var_mean(values, unbiased=False)`` and ``values.numel()``."""
+    values = values.detach().to(torch.float64).reshape(-1)
+    if not is_distributed():
+        var, mean = torch.var_mean(values, unbiased=False)
+        return mean, var, values.numel()
+    sum_and_count = torch.stack([values.sum(), torch.tensor(float(values.numel()), dtype=torch.float64,
+                                                            device=values.device)])
+    dist.all_reduce(sum_and_count, op=dist.ReduceOp.SUM)
+    mean = sum_and_count[0] / sum_and_count[1]
+    squared_deviations = ((values - mean) ** 2).sum()
+    dist.all_reduce(squared_deviations, op=dist.ReduceOp.SUM)
+    return mean, squared_deviations / sum_and_count[1], int(sum_and_count[1].item())

@@ -4,8 +4,10 @@ from __future__ import annotations
 import torch
 
 from .base import PairwiseLoss
+from .registry import register_loss
 
 
+@register_loss("hinge")
 class HingeLoss(PairwiseLoss):
     """``max(0, 1 − βh)`` per sample; 1/β is the margin h must clear.
 

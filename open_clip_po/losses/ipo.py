@@ -4,8 +4,10 @@ from __future__ import annotations
 import torch
 
 from .base import PairwiseLoss
+from .registry import register_loss
 
 
+@register_loss("ipo")
 class IPOLoss(PairwiseLoss):
     """``(h − 1/(2β))²`` per sample: regresses the policy ratio onto the target 1/(2β).
 

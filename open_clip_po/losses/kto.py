@@ -6,6 +6,8 @@ import torch
 from .base import PreferenceLoss, reward_metrics
 from .distributed import mean_across_ranks
 from .logps import pick
+from .precision import at_least_float32, autocast_off
+from .registry import register_loss
 from .regulariser import categorical_kl
 
 
@@ -48,6 +50,7 @@ def kto_reference_point_exact(policy_logps_matrix: torch.Tensor, ref_logps_matri
     return mean_across_ranks(z).clamp(min=0)
 
 
+@register_loss("kto")
 class KTOLoss(PreferenceLoss):
     """KTO on paired data: y_w is a desirable, y_l an undesirable example (TRL's ``kto_loss``).
 
@@ -99,23 +102,26 @@ class KTOLoss(PreferenceLoss):
         if policy_kl_logps.shape != ref_kl_logps.shape or policy_kl_logps.ndim != 1:
             raise ValueError(f"KTOLoss: policy_kl_logps and ref_kl_logps must be 1-D of one shape, got "
                              f"{tuple(policy_kl_logps.shape)} and {tuple(ref_kl_logps.shape)}")
-        return mean_across_ranks((policy_kl_logps - ref_kl_logps).detach().mean()).clamp(min=0)
+        mismatched = at_least_float32(policy_kl_logps) - at_least_float32(ref_kl_logps)
+        return mean_across_ranks(mismatched.detach().mean()).clamp(min=0)
 
     def forward(self, policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
                 ref_chosen_logps: torch.Tensor | None = None, ref_rejected_logps: torch.Tensor | None = None,
                 kl: torch.Tensor | float | None = None, *, policy_kl_logps: torch.Tensor | None = None,
                 ref_kl_logps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        self._check_inputs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-        z = self.reference_point(kl, policy_kl_logps, ref_kl_logps, like=policy_chosen_logps)
-        z = z.to(device=policy_chosen_logps.device, dtype=policy_chosen_logps.dtype)
-        chosen_logratios = policy_chosen_logps - ref_chosen_logps
-        rejected_logratios = policy_rejected_logps - ref_rejected_logps
-        # 1 − σ(a) written as σ(−a): exact, and no cancellation when σ(a) ≈ 1
-        chosen_losses = torch.sigmoid(-self.beta * (chosen_logratios - z))
-        rejected_losses = torch.sigmoid(-self.beta * (z - rejected_logratios))
-        losses = torch.cat([self.desirable_weight * chosen_losses, self.undesirable_weight * rejected_losses])
-        out = {"loss": losses.mean()}
-        out.update(reward_metrics(self.beta, policy_chosen_logps, policy_rejected_logps,
-                                  ref_chosen_logps, ref_rejected_logps))
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps = self.prepare_inputs(
+            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+        with autocast_off(policy_chosen_logps):
+            z = self.reference_point(kl, policy_kl_logps, ref_kl_logps, like=policy_chosen_logps)
+            z = z.to(device=policy_chosen_logps.device, dtype=policy_chosen_logps.dtype)
+            chosen_logratios = policy_chosen_logps - ref_chosen_logps
+            rejected_logratios = policy_rejected_logps - ref_rejected_logps
+            # 1 − σ(a) written as σ(−a): exact, and no cancellation when σ(a) ≈ 1
+            chosen_losses = torch.sigmoid(-self.beta * (chosen_logratios - z))
+            rejected_losses = torch.sigmoid(-self.beta * (z - rejected_logratios))
+            losses = torch.cat([self.desirable_weight * chosen_losses, self.undesirable_weight * rejected_losses])
+            out = {"loss": losses.mean()}
+            out.update(reward_metrics(self.beta, policy_chosen_logps, policy_rejected_logps,
+                                      ref_chosen_logps, ref_rejected_logps))
         out["kl"] = z.mean()
         return out

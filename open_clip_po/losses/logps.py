@@ -3,7 +3,8 @@
 ``π(y|x) = softmax_y(s · I(x)ᵀ T(y))`` over a finite candidate set of captions, with ``s`` the
 *exponentiated* logit scale (open_clip's ``model(...)["logit_scale"]``). Features are used as given;
 open_clip's model outputs are already L2-normalised. Everything goes through ``log_softmax``: no
-probability is ever divided or logged.
+probability is ever divided or logged. The logits and the log-softmax are computed in float32 (at
+least) with autocast off, whatever the autocast dtype of the forward (see ``precision.py``).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .distributed import gather_features
+from .precision import at_least_float32, autocast_off
 
 
 def policy_logps(image_features: torch.Tensor, candidate_features: torch.Tensor,
@@ -18,6 +20,7 @@ def policy_logps(image_features: torch.Tensor, candidate_features: torch.Tensor,
     """``log π(y_k | x_b) = log_softmax(s · I Tᵀ)`` as a [B, K] matrix (rows sum to 1 in probability).
 
     image_features [B, D], candidate_features [K, D], logit_scale: the exponentiated scale s (scalar).
+    bf16/fp16 inputs are upcast and the result is float32 (float64 inputs stay float64), also under autocast.
     """
     if image_features.ndim != 2 or candidate_features.ndim != 2:
         raise ValueError(f"policy_logps expects image [B, D] and candidate [K, D] features, got "
@@ -25,7 +28,10 @@ def policy_logps(image_features: torch.Tensor, candidate_features: torch.Tensor,
     if image_features.shape[1] != candidate_features.shape[1]:
         raise ValueError(f"feature dims differ: image {image_features.shape[1]}, "
                          f"candidates {candidate_features.shape[1]}")
-    return F.log_softmax(logit_scale * image_features @ candidate_features.T, dim=-1)
+    image_features, candidate_features, logit_scale = map(at_least_float32,
+                                                          (image_features, candidate_features, logit_scale))
+    with autocast_off(image_features):
+        return F.log_softmax(logit_scale * image_features @ candidate_features.T, dim=-1)
 
 
 def pick(logps_matrix: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

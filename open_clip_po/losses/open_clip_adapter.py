@@ -32,9 +32,9 @@ from torch import nn
 from .distributed import gather_features
 from .kto import kto_reference_point_exact
 from .logps import pair_logps
-from .registry import get_loss
+from .registry import builtin_losses, get_loss
 
-__all__ = ["OpenClipPreferenceLoss", "to_open_clip_batch", "dpo", "ipo", "kto", "hinge", "robust", "ref_free", "ce"]
+__all__ = ["OpenClipPreferenceLoss", "to_open_clip_batch", *builtin_losses()]
 
 
 class OpenClipPreferenceLoss(nn.Module):
@@ -115,11 +115,7 @@ def _factory(objective: str):
     return build
 
 
-# The targets of this project's ``open_clip.losses`` entry points (pyproject.toml).
-dpo = _factory("dpo")
-ipo = _factory("ipo")
-kto = _factory("kto")
-hinge = _factory("hinge")
-robust = _factory("robust")
-ref_free = _factory("ref_free")
-ce = _factory("ce")
+# The targets of this project's ``open_clip.losses`` entry points (pyproject.toml): one per built-in name.
+for _name in builtin_losses():
+    globals()[_name] = _factory(_name)
+del _name

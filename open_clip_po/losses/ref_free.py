@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .base import PreferenceLoss
-from .dpo import check_label_smoothing
+from .dpo import check_label_smoothing, smoothed_sigmoid_loss
+from .registry import register_loss
 
 
+@register_loss("ref_free")
 class RefFreeLoss(PreferenceLoss):
     """DPO with the reference terms dropped: ``h₀ = log π_θ(y_w|x) − log π_θ(y_l|x)``,
     loss ``−(1−ε) log σ(βh₀) − ε log σ(−βh₀)``.
@@ -28,6 +29,4 @@ class RefFreeLoss(PreferenceLoss):
 
     def per_sample_losses(self, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                           ref_rejected_logps) -> torch.Tensor:
-        h0 = policy_chosen_logps - policy_rejected_logps
-        eps = self.label_smoothing
-        return -(1 - eps) * F.logsigmoid(self.beta * h0) - eps * F.logsigmoid(-self.beta * h0)
+        return smoothed_sigmoid_loss(policy_chosen_logps - policy_rejected_logps, self.beta, self.label_smoothing)

@@ -5,13 +5,31 @@ import torch
 
 from .distributed import gather_features
 from .logps import policy_logps
+from .precision import at_least_float32, autocast_off
 
 DIRECTIONS = ("forward", "reverse")
 
 
+_FAR = 20.0  # beyond log(q/p) = 20 the term is q + p (d − 1), dominated by q: no overflow of e^{−d}
+
+
 def categorical_kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """Row-wise ``KL(p ‖ q) = Σ_k p_k (log p_k − log q_k)`` from log-probabilities [N, K] → [N]."""
-    return (logp.exp() * (logp - logq)).sum(dim=-1)
+    """Row-wise ``KL(p ‖ q)`` from log-probabilities [N, K] → [N], in float32 at least, never negative.
+
+    Summed as ``Σ_k p_k (e^{−d_k} + d_k − 1)`` with ``d = log p − log q``: equal to ``Σ_k p_k d_k`` when
+    both rows are normalised (it adds ``Σq − Σp = 0``, so the gradient is the KL's too), but every term is
+    ≥ 0 (``e^{−d} ≥ 1 − d``), so rounding cannot make the KL of near-identical distributions negative, and
+    ``d = 0`` gives exactly 0. Where q ≫ p the term is written ``q + p (d − 1)`` (same value, no overflow).
+    For unnormalised inputs it is the generalised KL ``Σ p log(p/q) − p + q``.
+    """
+    logp, logq = at_least_float32(logp), at_least_float32(logq)
+    with autocast_off(logp):
+        d = logp - logq
+        p = logp.exp()
+        near = p * (torch.expm1(-d.clamp(min=-_FAR)) + d)  # clamped: the discarded branch stays finite
+        far = logq.exp() + p * (d - 1)
+        # the clamp removes the last ulp of rounding below 0 in expm1(−d) + d for |d| < ~1e-7
+        return torch.where(d > -_FAR, near, far).clamp(min=0).sum(dim=-1)
 
 
 def kl_regulariser(policy_image: torch.Tensor, policy_text: torch.Tensor, ref_image: torch.Tensor,

@@ -6,8 +6,10 @@ import torch.nn.functional as F
 
 from .base import PairwiseLoss
 from .dpo import check_label_smoothing
+from .registry import register_loss
 
 
+@register_loss("robust")
 class RobustDPOLoss(PairwiseLoss):
     """``[−(1−ε) log σ(βh) + ε log σ(−βh)] / (1 − 2ε)`` per sample.
 

@@ -1,0 +1,162 @@
+"""``python -m open_clip_po.ref_cache``: compute the frozen reference's features once over the training shards.
+
+Takes the training command's own flags (``--model``, ``--pretrained`` or ``--po-ref-model/--po-ref-pretrained``,
+``--train-data``, ``--po-reg-data``, ``--po-classnames``/``--po-template``, ``--aug-cfg``, ``--precision``,
+``--batch-size``, ...) plus ``--out DIR``. One process, or ``torchrun`` (shards split across ranks). Each shard's
+features are written atomically as soon as they are done, and a rerun skips the shards already written, so a
+killed build resumes; the manifest is written last, by rank 0, once every shard is there.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..atomic import write_text
+from ..checkpoint import atomic_save
+from .store import (FORMAT, MANIFEST, PROMPTS_FILE, SHARDS_DIR, CacheError, _load, existing, run_signature,
+                    shard_entry)
+
+
+def parse_args(argv):
+    from open_clip_train.params import parse_args as open_clip_parse_args
+
+    from ..cli import po_argument_parser
+
+    extra = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    extra.add_argument("--out", required=True, help="cache folder (give it to training as --po-ref-cache)")
+    ours, rest = extra.parse_known_args(argv)
+    po, rest = po_argument_parser().parse_known_args(rest)
+    args = open_clip_parse_args(rest)
+    for key, value in {**vars(po), **vars(ours)}.items():
+        setattr(args, key, value)
+    if not args.train_data:
+        raise SystemExit("open_clip_po.ref_cache: error: --train-data is required")
+    return args
+
+
+def _distributed():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class Encoder:
+    """The reference model in no-grad eval mode, under the run's autocast; float32, normalised features."""
+
+    def __init__(self, model, precision, device):
+        from open_clip_train.precision import get_autocast
+
+        self.model, self.device = model.eval().requires_grad_(False), device
+        self.autocast = get_autocast(precision, device_type=device.type)
+        from open_clip import get_input_dtype
+
+        self.input_dtype = get_input_dtype(precision)
+
+    @torch.no_grad()
+    def images(self, batch):
+        with self.autocast():
+            out = self.model.encode_image(batch.to(self.device, dtype=self.input_dtype), normalize=True)
+        return F.normalize(out.float(), dim=-1).cpu()
+
+    @torch.no_grad()
+    def texts(self, tokens):
+        with self.autocast():
+            out = self.model.encode_text(tokens.to(self.device), normalize=True)
+        return F.normalize(out.float(), dim=-1).cpu()
+
+
+def shard_features(url, kind, encoder, preprocess, tokenize, batch_size) -> dict:
+    from ..data.decode import decode_pair, decode_triplet
+    from ..data.skips import SkipCounter
+    from ..data.tar import read_samples
+
+    counter = SkipCounter()
+    decode = decode_triplet if kind == "pref" else decode_pair
+    keys, images, captions, chunks = [], [], {}, []
+    for sample in read_samples([url], counter):
+        decoded = decode(sample, preprocess, tokenize, counter)
+        if decoded is None:
+            continue  # counted; training's reader skips the same sample
+        keys.append(sample["__key__"])
+        images.append(decoded[0])
+        for tokens in decoded[1:]:
+            captions.setdefault(tokens.numpy().tobytes(), tokens)
+        if len(images) == batch_size:
+            chunks.append(encoder.images(torch.stack(images)))
+            images = []
+    if images:
+        chunks.append(encoder.images(torch.stack(images)))
+    tokens = torch.stack(list(captions.values())) if captions else torch.zeros(0, 1, dtype=torch.long)
+    text = torch.cat([encoder.texts(t) for t in tokens.split(batch_size)]) if captions else torch.zeros(0)
+    skipped = counter.drain()
+    if skipped:
+        logging.info(f"{url}: skipped bad samples {skipped}")
+    return {"keys": keys, "image": torch.cat(chunks) if chunks else torch.zeros(0), "tokens": tokens, "text": text}
+
+
+def build(args) -> Path:
+    import open_clip
+
+    from ..data.patterns import expand_shards
+
+    out = Path(args.out)
+    rank, world = _distributed()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    name, pretrained = args.po_ref_model or args.model, args.po_ref_pretrained or args.pretrained
+    model, preprocess_train, _ = open_clip.create_model_and_transforms(
+        name, pretrained, precision=args.precision, device=device, aug_cfg=args.aug_cfg,
+        force_image_size=args.force_image_size, force_context_length=args.force_context_length,
+        image_mean=args.image_mean, image_std=args.image_std, image_interpolation=args.image_interpolation,
+        output_dict=True, cache_dir=args.cache_dir)
+    tokenizer = open_clip.get_tokenizer(name, context_length=args.force_context_length)
+    encoder = Encoder(model, args.precision, device)
+    shards = [(u, "pref") for u in existing(expand_shards(args.train_data)[0])]
+    if args.po_reg_data:
+        shards += [(u, "reg") for u in existing(expand_shards(args.po_reg_data, flag="--po-reg-data")[0])]
+    mine = shards[rank::world]
+    for url, kind in tqdm(mine, desc=f"reference features (rank {rank})", disable=rank != 0 and world > 1):
+        target = out / SHARDS_DIR / f"{os.path.basename(url)}.pt"
+        if target.is_file():
+            try:
+                _load(target)
+                continue  # written by an earlier, interrupted build
+            except CacheError:
+                logging.warning(f"{target} is unreadable: computing it again")
+        atomic_save(shard_features(url, kind, encoder, preprocess_train, lambda t: tokenizer([t])[0],
+                                    args.batch_size), target)
+    if world > 1:
+        torch.distributed.barrier()
+    if rank == 0:
+        _finish(args, out, encoder, tokenizer, model, preprocess_train, shards)
+    return out
+
+
+def _finish(args, out, encoder, tokenizer, model, preprocess_train, shards) -> None:
+    if args.po_classnames:
+        from ..data.classnames import read_classnames
+
+        tokens = tokenizer([args.po_template.format(n) for n in read_classnames(args.po_classnames)])
+        atomic_save({"tokens": tokens, "text": encoder.texts(tokens)}, out / PROMPTS_FILE)
+    manifest = {"format": FORMAT, "signature": run_signature(args, preprocess_train),
+                "logit_scale": float(model.logit_scale.exp().item()),
+                "shards": {os.path.basename(u): {**shard_entry(u), "kind": kind} for u, kind in shards}}
+    write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+    logging.info(f"reference cache written to {out} ({len(shards)} shard(s))")
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    build(args)
+    return 0
