@@ -8,6 +8,8 @@
 - linear head: a PO step training only W, against a forward of the frozen backbone on the same inputs;
 - reference cache (``--po-ref-cache``): the reference's features are looked up, not computed — the step is the
   policy's alone (2B captions instead of B are its only extra cost over CLIP);
+- ``amp_bf16``: the full fine-tune pair again, both steps under open_clip's ``--precision amp_bf16`` autocast
+  (bfloat16 on CPU), beside the fp32 row;
 - FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` over one step of each (not timed, so the
   machine's load does not enter): where timing noise hides a ratio, the count shows it;
 - peak memory: the rise of the process's peak RSS over its post-setup level, PO vs CLIP, each in a fresh
@@ -161,6 +163,29 @@ def _step_rows(model_name: str, repeats: int) -> list[dict]:
     return rows
 
 
+def _under_autocast(step, precision: str):
+    from open_clip_train.precision import get_autocast
+
+    autocast = get_autocast(precision, device_type="cpu")
+
+    def wrapped():
+        with autocast():
+            step()
+
+    return wrapped
+
+
+def amp_bf16_row(model_name: str, repeats: int) -> dict:
+    """PO / CLIP step ratio, full fine-tune, distinct captions, both under ``--precision amp_bf16`` autocast."""
+    po, clip = _setup("full", model_name=model_name)
+    t_po, t_clip = _interleaved(_under_autocast(po, "amp_bf16"), _under_autocast(clip, "amp_bf16"), repeats)
+    ratio = t_po / t_clip
+    return {"name": "PO step / CLIP step, full fine-tune, amp_bf16 (all captions distinct)", "value": ratio,
+            "unit": "×", "goal": "≤ 1.35", "met": ratio <= 1.35,
+            "details": f"{model_name}, batch {BATCH}, bfloat16 autocast on CPU, medians of {repeats}: "
+                       f"{t_po * 1e3:.1f} ms vs {t_clip * 1e3:.1f} ms"}
+
+
 def _precompute_row(model_name: str, samples: int) -> dict:
     """``python -m open_clip_po.ref_cache`` over shards vs a plain no-grad forward over the same shards (same
     reading and decoding, images and both captions encoded, nothing written)."""
@@ -223,6 +248,7 @@ def _precompute_row(model_name: str, samples: int) -> dict:
 def run(quick: bool = False) -> list[dict]:
     repeats, model_name = (3, QUICK_MODEL) if quick else (5, MODEL)
     rows = _step_rows(model_name, repeats)
+    rows.insert(1, amp_bf16_row(model_name, repeats))  # beside the fp32 full fine-tune row
     rows.append(_precompute_row(model_name, 32 if quick else 64))
     for cached in (False, True):
         po_mb, clip_mb = _peak_rss_rise("po", 2, model_name, cached), _peak_rss_rise("clip", 2, model_name, cached)

@@ -11,6 +11,7 @@ import logging
 import os
 
 from . import losses as po_losses
+from .options import check_open_clip_options, plain_clip_run
 
 HPARAM_FLAGS = {"po_beta": "beta", "po_label_smoothing": "label_smoothing",
                 "po_desirable_weight": "desirable_weight", "po_undesirable_weight": "undesirable_weight"}
@@ -154,6 +155,8 @@ def _warn_inert(args) -> None:
 
 
 def validate(args) -> None:
+    if plain_clip_run(args, po_argument_parser()):
+        return  # open_clip's own CLIP training: its flags are its own business
     known = po_losses.list_losses()
     if args.po_loss is None:
         raise UsageError("--po-loss is required (one of: " + ", ".join(known) + ")")
@@ -178,10 +181,10 @@ def validate(args) -> None:
     if args.po_ref_sync_steps and args.po_linear_head:
         raise UsageError("--po-ref-sync-steps cannot follow a linear head: its reference is the frozen backbone")
     _check_ref_cache(args)
-    if getattr(args, "distill_model", None) or getattr(args, "distill_pretrained", None):
-        raise UsageError("--distill-* cannot be combined with --po-loss (the reference is PO's teacher)")
-    if getattr(args, "horovod", False):
-        raise UsageError("--horovod is not supported by open_clip_po; use torchrun")
+    try:
+        check_open_clip_options(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
     _check_regulariser_flags(args)
     if args.po_beta is not None and args.po_beta <= 0:
         raise UsageError(f"--po-beta must be > 0, got {args.po_beta}")

@@ -32,6 +32,8 @@ from .evaluator import Evaluator
 from .hooks import TooManyBadSteps, TrainingHooks
 from .ref_cache import CacheError
 from .model_setup import LocalReplica, ModelSetup  # noqa: F401  (LocalReplica: part of the seam's surface)
+from .options import plain_clip_run
+from .seeding import SEEDED_DATA_GLOBALS, seeded_open_clip_data
 from .train import NoTrainingSteps, train_one_epoch as po_train_one_epoch
 
 
@@ -60,6 +62,8 @@ def read_classnames(path) -> list[str]:
 # The globals of open_clip_train.main a PO run replaces, each by the session's attribute of the same name.
 PATCHED = ("parse_args", "create_model_and_transforms", "get_data", "create_loss", "train_one_epoch", "evaluate",
            "pt_load", "torch")
+# A plain CLIP run (no --po-* flag): only the flags (--logs-dir), CPU DDP and atomic saves.
+PLAIN_PATCHED = ("parse_args", "torch")
 
 
 class POSession:
@@ -157,19 +161,25 @@ class POSession:
 
 
 @contextlib.contextmanager
-def patched_open_clip_train():
-    """Patch ``open_clip_train.main`` for one PO run; every original is back on exit."""
+def patched_open_clip_train(plain: bool = False):
+    """Patch ``open_clip_train.main`` (and the shuffles of ``.data``) for one run; every original is back on exit."""
+    import open_clip_train.data as ocd
     import open_clip_train.main as ocm
 
     originals = {name: getattr(ocm, name) for name in PATCHED}
+    data_originals = {name: getattr(ocd, name) for name in SEEDED_DATA_GLOBALS}
     session = POSession(originals)
     try:
-        for name in PATCHED:
+        for name in PLAIN_PATCHED if plain else PATCHED:
             setattr(ocm, name, getattr(session, name))
+        for name, value in seeded_open_clip_data(lambda: session.args).items():
+            setattr(ocd, name, value)
         yield session
     finally:
         for name, value in originals.items():
             setattr(ocm, name, value)
+        for name, value in data_originals.items():
+            setattr(ocd, name, value)
 
 
 def main(argv=None) -> int:
@@ -180,7 +190,8 @@ def main(argv=None) -> int:
         po_argument_parser().print_help()
         print("\nAll open_clip_train flags are accepted as well (python -m open_clip_train.main --help).")
         return 0
-    with patched_open_clip_train():
+    plain = plain_clip_run(po_argument_parser().parse_known_args(argv)[0], po_argument_parser())
+    with patched_open_clip_train(plain=plain):
         try:
             status = ocm.main(argv)
         except (TooManyBadSteps, NoTrainingSteps, CacheError) as e:

@@ -27,6 +27,7 @@ from open_clip_train.distributed import is_master
 from open_clip_train.precision import get_autocast
 from open_clip_train.train import AverageMeter, backward
 
+from .amp import loss_scale, scaler_skipped_step
 from .head import get_linear_head
 from .hooks import TooManyBadSteps  # noqa: F401  (raised through hooks; importable from here as before)
 from .unwrap import unwrap
@@ -161,9 +162,10 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
         if not last_micro:
             continue
 
+        scale_before = loss_scale(scaler)
         _optimizer_step(model, optimizer, scaler, args)
         steps, samples, group_samples = steps + 1, samples + group_samples, 0
-        if hooks is not None:
+        if hooks is not None and not scaler_skipped_step(scaler, scale_before):
             hooks.good_step(step)
         log.batch_time.update(time.time() - end)
         end = time.time()

@@ -33,8 +33,14 @@ def _which(name: str) -> str | None:
 
 
 class SlurmCluster:
-    def __init__(self, cpus: int = 2):
-        self.cpus = cpus
+    """munged + slurmctld + one slurmd per node, all on 127.0.0.1.
+
+    With ``nodes > 1`` every node is a slurmd of its own (``slurmd -N name``, own port, spool, pid and log
+    file): SLURM's multiple-slurmd mode, for development and tests — Debian's slurm-wlm is built with it.
+    """
+
+    def __init__(self, cpus: int = 2, nodes: int = 1):
+        self.cpus, self.num_nodes = cpus, nodes
         self.processes: list[subprocess.Popen] = []
         self.root: Path | None = None
 
@@ -51,9 +57,10 @@ class SlurmCluster:
         try:
             self._start_munge()
             self._write_config()
-            for daemon in ("slurmctld", "slurmd"):
-                extra = ["-N", self.node] if daemon == "slurmd" else []
-                self._spawn(daemon, [_which(daemon), "-D", "-f", str(self.conf), *extra])
+            self._spawn("slurmctld", [_which("slurmctld"), "-D", "-f", str(self.conf)])
+            for node in self.nodes:
+                name = "slurmd" if len(self.nodes) == 1 else f"slurmd-{node}"
+                self._spawn(name, [_which("slurmd"), "-D", "-f", str(self.conf), "-N", node])
             self._wait_for_idle_node()
         except BaseException:
             self.stop()
@@ -82,8 +89,21 @@ class SlurmCluster:
 
     def _write_config(self) -> None:
         self.node = socket.gethostname().split(".")[0]
+        host = self.node
+        self.nodes = [self.node] if self.num_nodes == 1 else [f"po{i}" for i in range(self.num_nodes)]
         for sub in ("state", "spool"):
             (self.root / sub).mkdir()
+        if self.num_nodes == 1:
+            slurmd_files = [f"SlurmdPort={_free_port()}", f"SlurmdSpoolDir={self.root / 'spool'}",
+                            f"SlurmdPidFile={self.root / 'slurmd.pid'}", f"SlurmdLogFile={self.root / 'slurmd.log'}"]
+            node_lines = [f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN"]
+        else:  # %n: the node name, so the slurmds do not share files
+            slurmd_files = [f"SlurmdSpoolDir={self.root / 'spool'}/%n", f"SlurmdPidFile={self.root}/slurmd-%n.pid",
+                            f"SlurmdLogFile={self.root}/slurmd-%n.log"]
+            for node in self.nodes:
+                (self.root / "spool" / node).mkdir()
+            node_lines = [f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={_free_port()} "
+                          f"CPUs={self.cpus} State=UNKNOWN" for node in self.nodes]
         self.conf = self.root / "slurm.conf"
         self.conf.write_text("\n".join([
             "ClusterName=potest",
@@ -94,13 +114,10 @@ class SlurmCluster:
             "CredType=cred/munge",
             f"AuthInfo=socket={self.munge_socket}",
             f"SlurmctldPort={_free_port()}",
-            f"SlurmdPort={_free_port()}",
             f"StateSaveLocation={self.root / 'state'}",
-            f"SlurmdSpoolDir={self.root / 'spool'}",
             f"SlurmctldPidFile={self.root / 'slurmctld.pid'}",
-            f"SlurmdPidFile={self.root / 'slurmd.pid'}",
             f"SlurmctldLogFile={self.root / 'slurmctld.log'}",
-            f"SlurmdLogFile={self.root / 'slurmd.log'}",
+            *slurmd_files,
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
             "SelectType=select/cons_tres",
@@ -110,17 +127,17 @@ class SlurmCluster:
             "MpiDefault=none",
             "ReturnToService=2",
             "SchedulerType=sched/builtin",
-            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN",
-            f"PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP",
+            *node_lines,
+            f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP",
             "",
         ]))
 
     def _wait_for_idle_node(self) -> None:
         def idle():
-            out = self.run(["sinfo", "-h", "-o", "%T"], check=False).stdout
-            return out.strip().startswith("idle")
+            out = self.run(["sinfo", "-N", "-h", "-o", "%T"], check=False).stdout.split()
+            return len(out) == len(self.nodes) and all(state.startswith("idle") for state in out)
 
-        self._wait(idle, 30, "the node did not become idle")
+        self._wait(idle, 30, "the nodes did not become idle")
 
     def _wait(self, condition, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -200,11 +217,11 @@ def without_script_settings(env) -> dict:
             if k not in SCRIPT_SETTINGS and not k.startswith(("SLURM_", "PO_", "GPUS_", "NPROC_"))}
 
 
-def start_or_skip(cpus: int = 2) -> SlurmCluster:
+def start_or_skip(cpus: int = 2, nodes: int = 1) -> SlurmCluster:
     """A started cluster, or pytest.skip with the reason."""
     import pytest
 
-    cluster = SlurmCluster(cpus=cpus)
+    cluster = SlurmCluster(cpus=cpus, nodes=nodes)
     try:
         cluster.start()
     except SlurmUnavailable as e:

@@ -272,3 +272,42 @@ def test_typographic_job_trains_and_checkpoints(slurm, tmp_path):
     ckpt = load_checkpoint(run / "checkpoints" / "epoch_1.pt")
     assert ckpt["epoch"] == 1 and ckpt["name"] == run.name
     assert any(k.endswith("logit_scale") for k in ckpt["state_dict"])
+
+
+@pytest.fixture(scope="module")
+def slurm_two_nodes():
+    cluster = start_or_skip(cpus=1, nodes=2)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.mark.slurm
+@pytest.mark.integration
+@pytest.mark.slow
+def test_two_node_job_meets_through_the_first_nodes_address(slurm_two_nodes, tmp_path):
+    """sbatch --nodes=2 on two slurmds of this machine: one torchrun per node, rendezvous at po0's NodeAddr."""
+    from open_clip_po.checkpoint import load_checkpoint
+
+    slurm = slurm_two_nodes
+    _write_shards(tmp_path / "data", shards=2, per_shard=8)  # one shard per rank
+    (tmp_path / "logs").mkdir()
+    env = {**without_script_settings(slurm.env), "SLURM_CONF": str(slurm.conf), "GPUS_PER_NODE": "0",
+           "NPROC_PER_NODE": "1", "GLOBAL_BATCH": "8", "EPOCHS": "1", "MODEL": "po-tiny", "PRETRAINED": "",
+           "WORKERS": "0", "DATA_DIR": str(tmp_path / "data"), "LOGS": str(tmp_path / "logs"),
+           "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    job = slurm.submit(["--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=0", "--time=10",
+                        f"--chdir={tmp_path}", str(SCRIPTS / "typographic.sh"), "--log-every-n-steps", "1"],
+                       env=env)
+    state = slurm.wait(job, timeout=480)
+    log_file = tmp_path / "logs" / f"po-typographic-{job}.out"
+    log = log_file.read_text(errors="replace") if log_file.exists() else "(no log file)"
+    assert (state["JobState"], state["ExitCode"]) == ("COMPLETED", "0:0"), log[-4000:]
+    assert state["NodeList"] == "po[0-1]" and state["NumNodes"] == "2"
+    assert "open_clip_po: dpo beta=1 lambda=1 on 2 node(s) x 1 process(es), batch 4/process" in log
+    run = tmp_path / "logs" / f"po-typographic-dpo-{job}"
+    params = (run / "params.txt").read_text()
+    # 1 process per node, world size 2: the second node's torchrun joined the first's rendezvous
+    assert "world_size: 2" in params and "batch_size: 4" in params
+    assert "Train Epoch: 0 [16/16 (100%)]" in (run / "out.log").read_text()
+    ckpt = load_checkpoint(run / "checkpoints" / "epoch_1.pt")
+    assert ckpt["epoch"] == 1 and all(k.startswith("module.") for k in ckpt["state_dict"])

@@ -152,7 +152,13 @@ po_launch() {
         master_addr=$MASTER_ADDR
     elif [ -n "${SLURM_JOB_NODELIST:-}" ]; then
         # sed reads to the end: `head -n1` could close the pipe early, and pipefail would turn SIGPIPE into exit 141.
-        master_addr=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
+        local first_node
+        first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
+        # The node's NodeAddr where SLURM has one (node names that are not host names, several slurmds on one
+        # host); the name itself otherwise.
+        master_addr=$(scontrol show node -o "$first_node" 2>/dev/null |
+            sed -n 's/.* NodeAddr=\([^ ]*\).*/\1/p') || true
+        master_addr=${master_addr:-$first_node}
     else
         master_addr=127.0.0.1
     fi
