@@ -25,7 +25,7 @@ from .pipeline import Method, Runner, StageError, checkpoint_of, fresh
 log = logging.getLogger("open_clip_po.demo")
 
 
-def gender_methods(losses=("dpo", "ipo", "kto"), lr: str = "3e-2") -> tuple[Method, ...]:
+def gender_methods(losses=("dpo", "ipo", "kto"), lr: str = "5e-2") -> tuple[Method, ...]:
     """A linear head per objective at the paper's β = λ = 1 for gender (what ``scripts/slurm/gender.sh`` sets)."""
     return tuple(Method(loss.upper() + " + head", loss, True,
                         ("--po-beta", "1", "--po-reg-lambda", "1", "--lr", lr)) for loss in losses)
@@ -35,15 +35,15 @@ def gender_methods(losses=("dpo", "ipo", "kto"), lr: str = "3e-2") -> tuple[Meth
 class GenderConfig:
     model: str = "po-small"
     image_size: int = 64
-    pretrain_images: int = 9000          # gender-skewed, captioned
+    pretrain_images: int = 6000          # gender-skewed, captioned
     neutral_share: float = 0.2           # share of pre-training captions that leave gender out
-    pretrain_epochs: int = 8
+    pretrain_epochs: int = 3
     pretrain_batch_size: int = 128
     pretrain_lr: float = 2e-3
     pretrain_warmup: int = 50
     train_per_cell: int = 50             # per (gender, activity): 600 PO training images
     test_per_cell: int = 60              # 720 held-out images: standard error of a rate ≤ 1.9 points
-    po_epochs: int = 3
+    po_epochs: int = 10                  # DPO's margin levels off by then
     po_batch_size: int = 32
     po_procs: int = 2
     methods: tuple[Method, ...] = gender_methods()
@@ -58,8 +58,8 @@ def full_gender_config() -> GenderConfig:
 
 def quick_gender_config() -> GenderConfig:
     """For CI: a smaller world, shorter pre-training, DPO only, a coarse t grid."""
-    return dataclasses.replace(GenderConfig(), pretrain_images=4000, pretrain_epochs=5, train_per_cell=25,
-                               test_per_cell=25, methods=gender_methods(("dpo",)), t_grid="-1:1:0.5", top_k=15)
+    return dataclasses.replace(GenderConfig(), pretrain_images=3000, train_per_cell=25, test_per_cell=25,
+                               po_epochs=5, methods=gender_methods(("dpo",)), t_grid="-1:1:0.5", top_k=15)
 
 
 def build_people_world(cfg: GenderConfig, out: Path, quiet: bool, pretraining: bool = True) -> dict:
@@ -86,7 +86,7 @@ def run_gender_demo(cfg: GenderConfig, out: Path, *, pretrained: Path | None = N
     t_start = time.perf_counter()
     runs, world = out / "runs", out / "world"
 
-    log.info("1/5 world: people doing %d activities, %d pre-training images", 6, cfg.pretrain_images)
+    log.info("1/5 world: people doing activities, %d pre-training images", cfg.pretrain_images)
     counts = runner.timed("world", build_people_world, cfg, out, quiet, pretrained is None)
     people_grid(world / "test" / CSV_NAME, out / "world_examples.png")
 
