@@ -3,13 +3,13 @@ and the plots of the paper's Figs. 3 (own vs flipped gender over t) and 4 (retri
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
 from pathlib import Path
 
 from open_clip_po.atomic import atomic_path, write_text
+from open_clip_po.eval.report import write_json
 
 TARGET_READS = 0.85          # mean own-gender probability of the pre-trained model (t = 0)
 TARGET_FLIPPED = 0.80        # share of images whose flipped gender wins at t = 1
@@ -136,7 +136,7 @@ def write_gender_report(out: Path, *, cfg: dict, counts: dict, rows: list[dict],
               "config": cfg, "world": counts, "pretrained": pretrained,
               "methods": [{k: v for k, v in r.items()} for r in rows], "targets": targets, "svd_scale": scaled,
               "timings_s": timings}
-    write_text(out / "report.json", json.dumps(report, indent=2, default=str))
+    write_json(report, out / "report.json")   # NaN (no crossing) as null
     if done:
         plot_flip(done, out / "flip.png")
         plot_retrieval_mix(done, out / "retrieval.png")

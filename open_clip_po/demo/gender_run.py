@@ -118,11 +118,12 @@ def run_gender_demo(cfg: GenderConfig, out: Path, *, pretrained: Path | None = N
         runner.eval(f"eval-{name}", gender_eval_argv(cfg.model, ckpt, world / "test" / CSV_NAME, cfg.t_grid,
                                                      cfg.top_k, evals / f"{name}.json"))
         result = json.loads((evals / f"{name}.json").read_text(encoding="utf-8"))
+        t_star = result["metrics"]["t_star"]   # null in the JSON when own and flipped never cross on the grid
         rows.append({"method": method.name, "loss": method.loss, "checkpoint": str(ckpt),
-                     "eval": str(evals / f"{name}.json"), "t_star": result["metrics"]["t_star"],
+                     "eval": str(evals / f"{name}.json"), "t_star": float("nan") if t_star is None else t_star,
                      "curves": result["curves"], "retrieval": result["retrieval"]})
         log.info("%s: P(own gender) %.3f at t=0, %.3f at t=1; t* = %.3f", method.name,
-                 *_own_at(result["curves"], 0.0, 1.0), result["metrics"]["t_star"])
+                 *_own_at(result["curves"], 0.0, 1.0), rows[-1]["t_star"])
 
     log.info("5/5 svd_scale at t = 1 and t*, report")
     scaled = {}
