@@ -17,7 +17,7 @@ import numpy as np
 
 from .commands import (finetune_argv, gender_data, gender_eval_argv, gender_shards_argv, pretrain_argv,
                        svd_scale_argv)
-from .gender_report import write_gender_report
+from .gender_report import at_t, write_gender_report
 from .people import balanced_labels, skewed_labels
 from .people_files import CSV_NAME, people_grid, write_people_folder, write_people_shards
 from .pipeline import Method, Runner, StageError, checkpoint_of, fresh
@@ -88,7 +88,7 @@ def run_gender_demo(cfg: GenderConfig, out: Path, *, pretrained: Path | None = N
 
     log.info("1/5 world: people doing activities, %d pre-training images", cfg.pretrain_images)
     counts = runner.timed("world", build_people_world, cfg, out, quiet, pretrained is None)
-    people_grid(world / "test" / CSV_NAME, out / "world_examples.png")
+    people_grid(world / "test" / CSV_NAME, out / "world_examples.png", cfg.image_size)
 
     if pretrained is None:
         log.info("2/5 pre-training %s with open_clip's trainer (%d epochs)", cfg.model, cfg.pretrain_epochs)
@@ -123,7 +123,8 @@ def run_gender_demo(cfg: GenderConfig, out: Path, *, pretrained: Path | None = N
                      "eval": str(evals / f"{name}.json"), "t_star": float("nan") if t_star is None else t_star,
                      "curves": result["curves"], "retrieval": result["retrieval"]})
         log.info("%s: P(own gender) %.3f at t=0, %.3f at t=1; t* = %.3f", method.name,
-                 *_own_at(result["curves"], 0.0, 1.0), rows[-1]["t_star"])
+                 at_t(result["curves"], "p_true_gender", 0.0), at_t(result["curves"], "p_true_gender", 1.0),
+                 rows[-1]["t_star"])
 
     log.info("5/5 svd_scale at t = 1 and t*, report")
     scaled = {}
@@ -132,14 +133,10 @@ def run_gender_demo(cfg: GenderConfig, out: Path, *, pretrained: Path | None = N
             continue
         for label, t in (("t1", 1.0), ("neutral", row["t_star"])):
             if np.isfinite(t):
-                path = runs / "scaled" / f"{row['method'].split()[0].lower()}.{label}.pt"
+                path = runs / "scaled" / f"{row['loss']}.{label}.pt"
                 runner.run(f"svd-scale-{row['loss']}-{label}", svd_scale_argv(Path(row["checkpoint"]), t, path))
                 scaled.setdefault(row["method"], {})[f"{t:g}"] = str(path)
     runner.timings["total"] = round(time.perf_counter() - t_start, 1)
     return write_gender_report(out, cfg=dataclasses.asdict(cfg), counts=counts, rows=rows, scaled=scaled,
                                pretrained=str(pretrained), timings=runner.timings)
 
-
-def _own_at(curves: dict, *ts: float) -> list[float]:
-    return [curves["p_true_gender"][min(range(len(curves["t"])), key=lambda i: abs(curves["t"][i] - t))]
-            for t in ts]

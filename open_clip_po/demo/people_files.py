@@ -63,14 +63,14 @@ def write_people_folder(folder: Path, labels: list[tuple[str, str]], seed: int, 
     return write_text(folder / CSV_NAME, text.getvalue())
 
 
-def people_grid(csv_path: Path, path: Path, zoom: int = 2) -> Path:
+def people_grid(csv_path: Path, path: Path, image_size: int = 64, zoom: int = 2) -> Path:
     """A PNG of example images: one row per gender, one column per activity (two images each)."""
     with open(csv_path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     cells = {}
     for row in rows:
         cells.setdefault((row["gender"], row["activity"]), []).append(csv_path.parent / row["image"])
-    side = 64 * zoom
+    side = image_size * zoom
     grid = Image.new("RGB", (side * 2 * len(ACTIVITIES), side * len(GENDERS)), "white")
     for r, gender in enumerate(GENDERS):
         for c, activity in enumerate(ACTIVITIES):
