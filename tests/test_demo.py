@@ -180,7 +180,7 @@ def test_shard_spec_and_finetune_argv(tmp_path):
 
 def test_cli_help_and_bad_pretrained(tmp_path):
     out = subprocess.run([sys.executable, "-m", "open_clip_po.demo", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "--quick" in out.stdout
+    assert out.returncode == 0 and "--quick" in out.stdout and "demo gender" in out.stdout  # names both demos
     out = subprocess.run([sys.executable, "-m", "open_clip_po.demo", "--out", str(tmp_path / "d"), "--pretrained",
                           str(tmp_path / "missing.pt")], capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "missing.pt" in out.stderr
