@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from .commands import finetune_argv, pretrain_argv, typographic_argv, typographic_data, zeroshot_argv
-from .pipeline import DemoConfig, Runner, StageError, TEMPLATE, checkpoint_of, fresh
+from .pipeline import TEMPLATE, DemoConfig, Runner, StageError, checkpoint_of, fresh, read_metrics
 from .report import write_report
 from .world import TextStyle, world_classes
 from .world_files import (examples_grid, write_class_folder, write_classnames, write_pretrain_set, write_world_json)
