@@ -1,4 +1,4 @@
-"""The demo (issue 9): the synthetic world, the report's target checks, and ``--quick`` end to end."""
+"""The demos: the synthetic worlds, the reports' target checks, and ``--quick`` end to end (typographic and gender)."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from open_clip_po.demo.pipeline import (DemoConfig, Method, Stage, finetune_argv, pretrain_argv, quick_config,
-                                       shard_spec)
+from open_clip_po.demo.commands import finetune_argv, pretrain_argv, shard_spec, typographic_data
+from open_clip_po.demo.pipeline import DemoConfig, Method, checkpoint_of, quick_config
 from open_clip_po.demo.report import check_targets
 from open_clip_po.demo.world import (KINDS, TEXT_SIZE_224, TextStyle, WorldClass, attack, caption, draw_object,
                                     render, world_classes, write_word)
@@ -94,12 +94,12 @@ def test_pretrain_argv_runs_open_clip_on_our_shards(tmp_path):
     shards.mkdir()
     for i in range(2):
         (shards / f"pretrain-read-{i:06d}.tar").write_bytes(b"")
-    argv = pretrain_argv(DemoConfig(), Stage("read", 1, (1, 0, 0, 0), 3), shards, tmp_path / "runs", None)
+    argv = pretrain_argv(DemoConfig(), "read", 3, shards, tmp_path / "runs", None)
     assert argv[argv.index("--dataset-type") + 1] == "webdataset"
     assert argv[argv.index("--train-data") + 1] == str(shards / "pretrain-read-{000000..000001}.tar")
     assert "--train-num-samples" not in argv  # open_clip reads the count from our sizes.json
     assert argv[argv.index("--epochs") + 1] == "3" and "--pretrained" not in argv
-    later = pretrain_argv(DemoConfig(), Stage("see", 1, (1, 0, 0, 0), 2), shards, tmp_path / "runs", tmp_path / "a.pt")
+    later = pretrain_argv(DemoConfig(), "see", 2, shards, tmp_path / "runs", tmp_path / "a.pt")
     assert later[later.index("--pretrained") + 1] == str(tmp_path / "a.pt")
 
 
@@ -168,18 +168,19 @@ def test_shard_spec_and_finetune_argv(tmp_path):
     assert shard_spec(tmp_path, "reg") == str(tmp_path / "reg-000000.tar")
     cfg = DemoConfig()
     argv = finetune_argv(cfg, Method("KTO + head", "kto", True, ("--po-beta", "1.5")), tmp_path / "pre.pt",
-                         tmp_path, tmp_path / "runs", "kto-head")
+                         typographic_data(tmp_path), tmp_path / "runs", "kto-head")
     assert argv[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node=2" in argv
     assert argv[argv.index("--po-loss") + 1] == "kto" and "--po-linear-head" in argv
     assert argv[argv.index("--logs-dir") + 1] == str(tmp_path / "runs") and "--logs" not in argv
     assert argv[-2:] == ["--po-beta", "1.5"]
+    assert argv[argv.index("--po-candidates") + 1] == "classes"
     with pytest.raises(Exception, match="no nothing-\\*.tar"):
         shard_spec(tmp_path, "nothing")
 
 
 def test_cli_help_and_bad_pretrained(tmp_path):
     out = subprocess.run([sys.executable, "-m", "open_clip_po.demo", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "--quick" in out.stdout
+    assert out.returncode == 0 and "--quick" in out.stdout and "demo gender" in out.stdout  # names both demos
     out = subprocess.run([sys.executable, "-m", "open_clip_po.demo", "--out", str(tmp_path / "d"), "--pretrained",
                           str(tmp_path / "missing.pt")], capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "missing.pt" in out.stderr
@@ -219,3 +220,146 @@ def test_quick_demo_end_to_end(tmp_path):
     commands = (out / "commands.txt").read_text()
     assert "open_clip_train.main" in commands and "open_clip_po.data.typographic" in commands
     assert "torch.distributed.run --nproc_per_node=2" in commands and "-m open_clip_po.main" in commands
+
+
+def test_checkpoint_of_picks_the_last_numbered_epoch(tmp_path):
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    for name in ("epoch_2.pt", "epoch_10.pt", "epoch_latest.pt", "epoch_3.t0.5.pt"):
+        (ckpts / name).write_bytes(b"")
+    assert checkpoint_of(tmp_path, "run") == ckpts / "epoch_10.pt"   # numerically, not as text
+    with pytest.raises(Exception, match="no epoch_N.pt"):
+        checkpoint_of(tmp_path, "other")
+
+
+# -- the gender demo
+
+def test_people_show_gender_by_silhouette_and_activity_by_object():
+    """A woman's dress is wider below the waist than a man's trousers; the activity object changes the picture
+    for the same figure (same seed)."""
+    from open_clip_po.demo.people import ACTIVITIES, render_person
+
+    def changed(a, b):
+        return (np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).sum(-1) > 30).mean()
+
+    for seed in range(5):
+        man = render_person("man", "reading", np.random.default_rng(seed))
+        woman = render_person("woman", "reading", np.random.default_rng(seed))
+        assert man.size == woman.size == (64, 64)
+        assert changed(man, woman) > 0.03            # same background and object: only the figure differs
+        others = [render_person("man", a, np.random.default_rng(seed)) for a in ACTIVITIES if a != "reading"]
+        assert min(changed(man, o) for o in others) > 0.01
+    with pytest.raises(ValueError, match="gender"):
+        render_person("child", "reading", np.random.default_rng(0))
+    with pytest.raises(ValueError, match="activity"):
+        render_person("man", "skiing", np.random.default_rng(0))
+
+
+def test_people_labels_are_skewed_for_pretraining_and_balanced_for_evaluation():
+    from collections import Counter
+
+    from open_clip_po.demo.people import ACTIVITIES, WOMEN_SHARE, balanced_labels, skewed_labels
+    labels = skewed_labels(12000, np.random.default_rng(0))
+    for activity in ACTIVITIES:
+        genders = [g for g, a in labels if a == activity]
+        assert abs(genders.count("woman") / len(genders) - WOMEN_SHARE[activity]) < 0.04
+    assert set(Counter(balanced_labels(3)).values()) == {3} and len(balanced_labels(3)) == 3 * 2 * len(ACTIVITIES)
+
+
+def test_people_files_feed_the_gender_builder(tmp_path):
+    """The world's CSV is what ``open_clip_po.data.gender`` reads: its triplets flip the gender of each image's
+    own caption and its D_reg captions are neutral; the pre-training shards carry the captions open_clip reads."""
+    import webdataset as wds
+
+    from open_clip_po.data.gender import build_gender
+    from open_clip_po.demo.people import balanced_labels, skewed_labels
+    from open_clip_po.demo.people_files import write_people_folder, write_people_shards
+    csv_path = write_people_folder(tmp_path / "train", balanced_labels(1), seed=0)
+    build_gender(csv_path, tmp_path / "shards", image_format="png", quiet=True)
+    for s in wds.WebDataset(str(tmp_path / "shards" / "pref-000000.tar"), shardshuffle=False):
+        meta = json.loads(s["json"])
+        own, other = meta["gender"], {"man": "woman", "woman": "man"}[meta["gender"]]
+        assert s["yl.txt"].decode() == f"The {own} is {meta['activity']}"
+        assert s["yw.txt"].decode() == f"The {other} is {meta['activity']}"
+    counts = write_people_shards(tmp_path / "pretrain", skewed_labels(40, np.random.default_rng(0)), 0.5, 0,
+                                 num_shards=2, quiet=True)
+    samples = list(wds.WebDataset(str(tmp_path / "pretrain" / "pretrain-{000000..000001}.tar"), shardshuffle=False))
+    assert len(samples) == 40 and sum(v for k, v in counts.items() if k != "neutral captions") == 40
+    neutral = [s for s in samples if s["txt"].decode().startswith("The person is ")]
+    assert len(neutral) == counts["neutral captions"] and 0 < len(neutral) < 40
+    for s in samples:
+        meta = json.loads(s["json"])
+        assert s["txt"].decode() in (f"The {meta['gender']} is {meta['activity']}",
+                                     f"The person is {meta['activity']}")
+
+
+def _gender_row(p_true, activity, retrieval_t0, retrieval_star, t_star=0.5, se=0.01):
+    ts = [-1.0, 0.0, 0.5, 1.0]
+    return {"method": "DPO + head", "t_star": t_star,
+            "curves": {"t": ts, "p_true_gender": p_true, "p_flipped_gender": [1 - p for p in p_true],
+                       "p_true_gender_se": [se] * 4, "flipped_choice": [1 - p for p in p_true],
+                       "activity_accuracy": activity},
+            "retrieval": {"t=0 (base)": [{"prompt": "p", "k": 10, "women_fraction": w} for w in retrieval_t0],
+                          "t*=0.5 (neutral)": [{"prompt": "p", "k": 10, "women_fraction": w}
+                                               for w in retrieval_star]}}
+
+
+def test_check_gender_targets_by_hand():
+    from open_clip_po.demo.gender_report import check_gender_targets
+    row = _gender_row([0.97, 0.9, 0.5, 0.1], [0.9, 0.9, 0.9, 0.89], [0.9, 0.1, 0.7], [0.6, 0.5, 0.8])
+    t = check_gender_targets(row)
+    assert t["reads_gender"] and t["flips"] and t["activity_kept"] and t["monotone"] and t["neutral_t_in_0_1"]
+    assert t["flipped_choice_t1"] == pytest.approx(0.9)
+    assert (t["prompts_nearer_parity"], t["prompts"]) == (2, 3) and t["retrieval_nearer_parity"]
+    # a rise of 0.05 between t = 0 and 0.5 is more than 2 standard errors of 0.01; of 0.03 it is noise
+    rising = _gender_row([0.97, 0.9, 0.95, 0.1], [0.9] * 4, [0.9], [0.5], se=0.01)
+    assert not check_gender_targets(rising)["monotone"]
+    assert check_gender_targets(_gender_row([0.97, 0.9, 0.95, 0.1], [0.9] * 4, [0.9], [0.5], se=0.03))["monotone"]
+    # activity down 3 points, only 70 % flipped, no crossing in (0, 1), parity worse
+    bad = check_gender_targets(_gender_row([0.97, 0.84, 0.6, 0.3], [0.9, 0.9, 0.9, 0.87], [0.5], [0.9], t_star=1.2))
+    assert not (bad["reads_gender"] or bad["flips"] or bad["activity_kept"] or bad["neutral_t_in_0_1"]
+                or bad["retrieval_nearer_parity"])
+
+
+def test_gender_cli_help_and_bad_input(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "open_clip_po.demo", "gender", "--help"], capture_output=True,
+                         text=True)
+    assert out.returncode == 0 and "--quick" in out.stdout and "open_clip_po.data.gender" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "open_clip_po.demo", "gender", "--out", str(tmp_path / "d"),
+                          "--methods", "dpo,sft"], capture_output=True, text=True)
+    assert out.returncode == 2 and "sft" in out.stderr and out.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_quick_gender_demo_end_to_end(tmp_path):
+    """``gender --quick``: people world → open_clip pre-training → gender triplets from the CSV → torchrun DPO
+    head → eval gender over t → svd_scale → report. The head flips the model's reading of gender in the direction
+    it was trained: the own gender is less likely at t = 1 and more likely at t = -1 than at t = 0."""
+    from open_clip_po.demo.gender_report import at_t
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "open_clip_po.demo", "gender", "--out", str(out), "--quick",
+                           "--quiet"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    (row,) = report["methods"]
+    assert row["loss"] == "dpo" and "curves" in row, row
+    curves = row["curves"]
+    own = {t: at_t(curves, "p_true_gender", t) for t in (-1.0, 0.0, 1.0)}
+    assert own[1.0] < own[0.0] < own[-1.0], own
+    assert len(curves["t"]) == 5 and curves["t"][0] == -1.0
+    # the report's numbers are the evaluation's own output
+    evaluated = json.loads((out / "eval" / "dpo-head.json").read_text())
+    assert evaluated["curves"]["p_true_gender"] == curves["p_true_gender"]
+    assert evaluated["num_images"] == report["world"]["test"]
+    md = (out / "report.md").read_text()
+    assert f"| DPO + head | {own[0.0]:.3f} | {own[1.0]:.3f} |" in md
+    for png in ("flip.png", "retrieval.png", "world_examples.png"):
+        with Image.open(out / png) as im:
+            assert im.size[0] > 100 and im.size[1] > 100
+    commands = (out / "commands.txt").read_text()
+    for stage in ("open_clip_train.main", "open_clip_po.data.gender --csv", "--po-linear-head",
+                  "open_clip_po.svd_scale", "open_clip_po.eval gender"):
+        assert stage in commands, stage
+    assert "--po-beta 1 --po-reg-lambda 1" in commands
+    assert any((out / "runs" / "scaled").glob("dpo.t1.pt"))

@@ -1,6 +1,10 @@
-"""The demo: a small synthetic world in which preference optimisation removes a typographic vulnerability.
+"""The demos: small synthetic worlds in which the paper's two experiments run end to end on a CPU.
 
-    python -m open_clip_po.demo [--out DIR] [--quick]      (also: bash scripts/run.sh demo, open-clip-po-demo)
+    python -m open_clip_po.demo [--out DIR] [--quick]          typographic attacks (the default)
+    python -m open_clip_po.demo gender [--out DIR] [--quick]   flipping gender with a linear head (--help for more)
+    (also: bash scripts/run.sh demo [gender] ..., open-clip-po-demo)
+
+The typographic demo, in which preference optimisation removes a typographic vulnerability:
 
 1. builds a world of coloured shapes named by single words, where many images also show their name written on
    them and some show only the word (so a CLIP trained on it learns to read);
@@ -45,10 +49,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def _setup_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("open_clip_po.demo").setLevel(logging.INFO)  # our stages; open_clip's chatter stays quiet
+
+
+def _pretrained_path(value: str | None, prog: str) -> Path | None:
+    """``--pretrained`` resolved; None if not given. Exits with a one-line error if it is not a file."""
+    if value is None:
+        return None
+    path = Path(value).resolve()
+    if not path.is_file():
+        print(f"{prog}: error: --pretrained {value} is not a file", file=sys.stderr)
+        raise SystemExit(2)
+    return path
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["gender"]:
+        from .gender_cli import gender_main
+        return gender_main(argv[1:])
+    if argv[:1] == ["typographic"]:
+        argv = argv[1:]
+    args = build_parser().parse_args(argv)
+    _setup_logging()
     import dataclasses
 
     from .run import run_demo
@@ -66,12 +91,7 @@ def main(argv=None) -> int:
         cfg = dataclasses.replace(cfg, methods=tuple(known[m] for m in wanted))
     if args.pretrain_only:
         cfg = dataclasses.replace(cfg, methods=())
-    pretrained = None
-    if args.pretrained is not None:
-        pretrained = Path(args.pretrained).resolve()
-        if not pretrained.is_file():
-            print(f"open_clip_po.demo: error: --pretrained {args.pretrained} is not a file", file=sys.stderr)
-            return 2
+    pretrained = _pretrained_path(args.pretrained, "open_clip_po.demo")
     out = Path(args.out).resolve()
     try:
         report = run_demo(cfg, out, pretrained=pretrained, quiet=args.quiet, threads=args.threads)

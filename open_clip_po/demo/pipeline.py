@@ -12,7 +12,9 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +25,7 @@ from .world import TEXT_SIZE_224
 log = logging.getLogger("open_clip_po.demo")
 
 TEMPLATE = "a photo of a {}."
+EPOCH_CHECKPOINT = re.compile(r"epoch_(\d+)\.pt")   # open_clip's checkpoint names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,56 +160,21 @@ class Runner:
         return result
 
 
-def pretrain_argv(cfg: DemoConfig, stage: Stage, shards: Path, logs: Path, start: Path | None) -> list[str]:
-    """open_clip's own trainer on the world's caption shards (po-small is registered by importing open_clip_po;
-    the sample count comes from the shards' ``sizes.json``, as open_clip reads it)."""
-    boot = "import sys, open_clip_po; from open_clip_train.main import main; main(sys.argv[1:])"
-    return [sys.executable, "-c", boot,
-            "--model", cfg.model, "--train-data", shard_spec(shards, shards.name), "--dataset-type", "webdataset",
-            "--batch-size", str(cfg.pretrain_batch_size), "--epochs", str(stage.epochs),
-            "--lr", str(cfg.pretrain_lr), "--wd", "0.1", "--warmup", str(cfg.pretrain_warmup),
-            "--workers", "1", "--precision", "fp32", "--seed", str(cfg.seed), "--log-every-n-steps", "20",
-            "--save-frequency", str(stage.epochs), "--logs", str(logs), "--name", f"pretrain-{stage.name}"
-            ] + ([] if start is None else ["--pretrained", str(start)])
-
-
-def shard_spec(folder: Path, prefix: str) -> str:
-    """A brace pattern over ``folder/prefix-*.tar`` (as written by the builders; consecutive numbers)."""
-    shards = sorted(p.name for p in folder.glob(f"{prefix}-*.tar"))
-    if not shards:
-        raise StageError(f"no {prefix}-*.tar shards in {folder}")
-    first, last = shards[0][len(prefix) + 1:-4], shards[-1][len(prefix) + 1:-4]
-    if first == last:
-        return str(folder / shards[0])
-    return str(folder / f"{prefix}-{{{first}..{last}}}.tar")
-
-
-def finetune_argv(cfg: DemoConfig, method: Method, pretrained: Path, shards: Path, logs: Path, run_name: str
-                  ) -> list[str]:
-    """``torchrun --nproc_per_node=N -m open_clip_po.main`` with the method's flags (gloo on CPU)."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.po_procs}",
-                "--master_port", str(29500 + (os.getpid() + hash(run_name)) % 2000)]
-    argv = launcher + [
-        "-m", "open_clip_po.main", "--po-loss", method.loss, "--model", cfg.model, "--pretrained", str(pretrained),
-        "--train-data", shard_spec(shards, "pref"), "--po-reg-data", shard_spec(shards, "reg"),
-        "--po-candidates", "classes", "--po-classnames", str(shards / "classnames.txt"), "--po-template", TEMPLATE,
-        "--batch-size", str(cfg.po_batch_size), "--epochs", str(cfg.po_epochs), "--warmup", "5",
-        "--workers", "1", "--precision", "fp32", "--seed", str(cfg.seed), "--opt", "timm/adamax", "--wd", "0",
-        "--log-every-n-steps", "10", "--save-frequency", str(cfg.po_epochs),
-        "--logs-dir", str(logs), "--name", run_name]
-    if method.head:
-        argv.append("--po-linear-head")
-    return argv + list(method.flags)
+def fresh(path: Path) -> Path:
+    """Remove a previous run's output folder (only ever inside the demo's own output directory)."""
+    if path.exists():
+        shutil.rmtree(path)
+    return path
 
 
 def checkpoint_of(logs: Path, run_name: str) -> Path:
+    """The last numbered epoch checkpoint (``epoch_N.pt``, largest N) a run wrote under ``logs/run_name``."""
     ckpt_dir = logs / run_name / "checkpoints"
-    found = sorted(ckpt_dir.glob("epoch_*.pt"), key=lambda p: (p.stem != "epoch_latest",
-                                                              int(p.stem.split("_")[1]) if p.stem[6:].isdigit() else 0))
-    if not found:
-        raise StageError(f"no checkpoint in {ckpt_dir}")
-    latest = max((p for p in found if p.stem[6:].isdigit()), key=lambda p: int(p.stem[6:]), default=found[0])
-    return latest
+    numbered = {int(m.group(1)): p for p in ckpt_dir.glob("epoch_*.pt")
+                if (m := EPOCH_CHECKPOINT.fullmatch(p.name))}
+    if not numbered:
+        raise StageError(f"no epoch_N.pt checkpoint in {ckpt_dir}")
+    return numbered[max(numbered)]
 
 
 def run_eval(argv: list[str]) -> None:
@@ -215,11 +183,6 @@ def run_eval(argv: list[str]) -> None:
     code = eval_main(argv)
     if code:
         raise StageError(f"python -m open_clip_po.eval {shlex.join(argv)} failed with exit {code}")
-
-
-def zeroshot_argv(cfg: DemoConfig, ckpt: Path, test: Path, attacked: Path, output: Path) -> list[str]:
-    return ["zeroshot", "--model", cfg.model, "--pretrained", str(ckpt), "--images", str(test),
-            "--typographic", str(attacked), "--template", TEMPLATE, "--workers", "0", "--output", str(output)]
 
 
 def read_metrics(path: Path) -> dict:

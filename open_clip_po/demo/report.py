@@ -6,19 +6,15 @@ import os
 import platform
 from pathlib import Path
 
+from open_clip_po.atomic import atomic_path, write_text
+
 PO_LOSSES = ("dpo", "ipo", "kto")
 TARGET_ATTACKED_GAIN = 0.30   # attacked accuracy up by >= 30 points over the pre-trained model ...
 TARGET_CLEAN_DROP = 0.02      # ... with clean accuracy down by <= 2 points, for at least one PO objective
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def check_targets(rows: list[dict]) -> dict:
-    """The issue's targets, measured on ``rows`` (first row = the pre-trained model)."""
+    """The demo's targets, measured on ``rows`` (first row = the pre-trained model)."""
     pre = rows[0]
     done = [r for r in rows[1:] if "attacked" in r]
     po = [r for r in done if r["loss"] in PO_LOSSES]
@@ -64,10 +60,9 @@ def plot_table(rows: list[dict], path: Path) -> Path:
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, 1.18))
     fig.tight_layout()
-    tmp = path.with_name("." + path.name + ".tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -85,7 +80,7 @@ def write_report(out: Path, *, cfg: dict, counts: dict, rows: list[dict], sweep:
         "sweep": None if sweep is None else {"method": sweep["method"], "rows": sweep["rows"]},
         "timings_s": timings,
     }
-    _atomic_write(out / "report.json", json.dumps(report, indent=2, default=str))
+    write_text(out / "report.json", json.dumps(report, indent=2, default=str))
     plot_table(rows, out / "report_table.png")
 
     pre = rows[0]
@@ -114,7 +109,7 @@ def write_report(out: Path, *, cfg: dict, counts: dict, rows: list[dict], sweep:
                      f"{'—' if kl is None else f'{kl:.3g}'} | {d_att} | {d_clean} |")
     lines += [
         "",
-        "Targets (issue 9): attacked accuracy up ≥ 30 points with clean accuracy down ≤ 2 points for at least one "
+        "Targets: attacked accuracy up ≥ 30 points with clean accuracy down ≤ 2 points for at least one "
         f"PO objective — **{'met' if targets['robust_met'] else 'not met'}**"
         + (f" ({', '.join(targets['robust_methods'])})" if targets["robust_methods"] else "")
         + "; PO closer to the reference than CE — "
@@ -135,5 +130,5 @@ def write_report(out: Path, *, cfg: dict, counts: dict, rows: list[dict], sweep:
                   "![examples](world_examples.png)"]
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()),
               "", "Every command that ran is in `commands.txt`, its output in `logs/`."]
-    _atomic_write(out / "report.md", "\n".join(lines) + "\n")
+    write_text(out / "report.md", "\n".join(lines) + "\n")
     return report

@@ -4,29 +4,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
-import sys
 import time
 from pathlib import Path
 
-from .pipeline import (DemoConfig, Runner, StageError, TEMPLATE, checkpoint_of, finetune_argv, pretrain_argv,
-                       read_metrics, zeroshot_argv)
+from .commands import finetune_argv, pretrain_argv, typographic_argv, typographic_data, zeroshot_argv
+from .pipeline import TEMPLATE, DemoConfig, Runner, StageError, checkpoint_of, fresh, read_metrics
 from .report import write_report
-from .world import FONT_DIR, TextStyle, world_classes
+from .world import TextStyle, world_classes
 from .world_files import (examples_grid, write_class_folder, write_classnames, write_pretrain_set, write_world_json)
 
 log = logging.getLogger("open_clip_po.demo")
 
 
-def _fresh(path: Path) -> Path:
-    """Remove a previous run's output folder (only ever inside the demo's own output directory)."""
-    if path.exists():
-        shutil.rmtree(path)
-    return path
-
-
 def build_world(cfg: DemoConfig, out: Path, quiet: bool, pretraining: bool = True) -> dict:
-    world = _fresh(out / "world")
+    world = fresh(out / "world")
     world.mkdir(parents=True)
     classes = world_classes(cfg.num_classes)
     style = TextStyle(size_range=cfg.text_size_224)
@@ -41,21 +32,6 @@ def build_world(cfg: DemoConfig, out: Path, quiet: bool, pretraining: bool = Tru
     write_classnames(world / "classnames.txt", classes)
     write_world_json(world / "world.json", classes, counts)
     return counts
-
-
-def typographic_argv(cfg: DemoConfig, out: Path) -> list[str]:
-    world = out / "world"
-    font = FONT_DIR / "DejaVuSans-Bold.ttf"
-    argv = [sys.executable, "-m", "open_clip_po.data.typographic", "--images", str(world / "train"),
-            "--out", str(out / "shards"), "--image-size", str(cfg.image_size), "--template", TEMPLATE,
-            "--per-image", str(cfg.po_attacks_per_image),
-            "--font-size", *map(str, cfg.text_size_224), "--image-format", "png", "--seed", str(cfg.seed),
-            "--eval-out", str(world / "test_attacked"), "--eval-images", str(world / "test"), "--quiet",
-            # two shards per rank: every (rank, loader worker) reader needs its own shard
-            "--max-count", str(-(-cfg.num_classes * cfg.train_per_class // (2 * cfg.po_procs)))]
-    if font.is_file():
-        argv += ["--fonts", str(font)]
-    return argv
 
 
 def run_demo(cfg: DemoConfig, out: Path, *, pretrained: Path | None = None, quiet: bool = False,
@@ -74,18 +50,19 @@ def run_demo(cfg: DemoConfig, out: Path, *, pretrained: Path | None = None, quie
         for stage in cfg.stages:
             log.info("2/5 pre-training %s with open_clip's trainer: stage %r (%d epochs)", cfg.model, stage.name,
                      stage.epochs)
-            _fresh(runs / f"pretrain-{stage.name}")
-            runner.run(f"pretrain-{stage.name}", pretrain_argv(cfg, stage, out / "world" / f"pretrain-{stage.name}",
-                                                               runs, pretrained))
+            fresh(runs / f"pretrain-{stage.name}")
+            runner.run(f"pretrain-{stage.name}", pretrain_argv(cfg, stage.name, stage.epochs,
+                                                               out / "world" / f"pretrain-{stage.name}", runs,
+                                                               pretrained))
             pretrained = checkpoint_of(runs, f"pretrain-{stage.name}")
 
     log.info("3/5 typographic shards and the attacked test set")
-    _fresh(out / "shards"), _fresh(out / "world" / "test_attacked")
+    fresh(out / "shards"), fresh(out / "world" / "test_attacked")
     runner.run("shards", typographic_argv(cfg, out))
     examples_grid(out / "world", out / "world_examples.png")
 
     test, attacked = out / "world" / "test", out / "world" / "test_attacked"
-    evals = _fresh(out / "eval")
+    evals = fresh(out / "eval")
     evals.mkdir()
     rows = []
     runner.eval("eval-pretrained", zeroshot_argv(cfg, pretrained, test, attacked, evals / "pretrained.json"))
@@ -96,9 +73,10 @@ def run_demo(cfg: DemoConfig, out: Path, *, pretrained: Path | None = None, quie
     log.info("4/5 fine-tuning: %s", ", ".join(m.name for m in cfg.methods))
     for method in cfg.methods:
         name = method.slug
-        _fresh(runs / name)
+        fresh(runs / name)
         try:
-            runner.run(f"finetune-{name}", finetune_argv(cfg, method, pretrained, out / "shards", runs, name))
+            argv = finetune_argv(cfg, method, pretrained, typographic_data(out / "shards"), runs, name)
+            runner.run(f"finetune-{name}", argv)
         except StageError as e:
             log.error("%s", e)
             rows.append({"method": method.name, "loss": method.loss, "head": method.head, "error": str(e)})

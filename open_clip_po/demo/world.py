@@ -74,11 +74,10 @@ class TextStyle:
     fonts: tuple[str, ...] = (str(FONT_DIR / "DejaVuSans-Bold.ttf"),)
 
 
-PRETRAIN_TEXT = TextStyle()
-ATTACK_TEXT = TextStyle()
+TEXT_STYLE = TextStyle()   # pre-training text and attacks are written alike
 
 
-def write_word(img: Image.Image, word: str, rng: np.random.Generator, style: TextStyle = PRETRAIN_TEXT
+def write_word(img: Image.Image, word: str, rng: np.random.Generator, style: TextStyle = TEXT_STYLE
                ) -> tuple[Image.Image, dict]:
     """``word`` written on a copy of ``img`` the way the typographic builder writes attacks; returns it and the
     parameters used."""
@@ -149,7 +148,7 @@ def draw_object(img: Image.Image, cls: WorldClass, rng: np.random.Generator,
 
 
 def render(cls: WorldClass, kind: str, rng: np.random.Generator, size: int = 64,
-           style: TextStyle = PRETRAIN_TEXT, radius: tuple[float, float] = OBJECT_RADIUS,
+           style: TextStyle = TEXT_STYLE, radius: tuple[float, float] = OBJECT_RADIUS,
            distractor: WorldClass | None = None) -> Image.Image:
     """One image of ``cls`` of the given kind: ``object``, ``labelled`` (object and its name), ``word`` (the name
     only) or ``sign`` (the name written next to an unrelated ``distractor`` object, as a photo of a sign in a
@@ -169,7 +168,7 @@ def render(cls: WorldClass, kind: str, rng: np.random.Generator, size: int = 64,
 
 
 def attack(img: Image.Image, true_label: int, classes: list[WorldClass], rng: np.random.Generator,
-           style: TextStyle = ATTACK_TEXT) -> tuple[Image.Image, int]:
+           style: TextStyle = TEXT_STYLE) -> tuple[Image.Image, int]:
     """Write a wrong class name (drawn uniformly among the others) on a copy of ``img``; return it and its label."""
     written = int(rng.integers(len(classes) - 1))
     written += written >= true_label  # uniform over the other classes, never the true one

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from open_clip_po.atomic import atomic_path
 from open_clip_po.data.reader import group_members, iter_tar_members
 from open_clip_po.data.shards import META, TXT, ShardWriter, encode_image
 from open_clip_po.data.skips import SkipCounter
@@ -24,9 +24,8 @@ from .world import KINDS, TextStyle, WorldClass, caption, render
 
 
 def _save_png(img, path: Path) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
 
 
 def write_pretrain_set(root: Path, classes: list[WorldClass], per_class: int, mix: tuple[float, ...],
@@ -115,7 +114,5 @@ def examples_grid(world: Path, path: Path, per_row: int = 10, zoom: int = 2) -> 
     for r, row in enumerate(rows):
         for c, img in enumerate(row):
             grid.paste(img.resize((side, side), Image.NEAREST), (c * side, r * side))
-    tmp = path.with_name("." + path.name + ".tmp")
-    grid.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    _save_png(grid, path)
     return path

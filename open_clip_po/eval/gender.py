@@ -77,8 +77,8 @@ def gender_curves(heads: dict, images: torch.Tensor, is_man: torch.Tensor, activ
     from .features import apply_head
 
     ts = list(heads)
-    p_man_all, out = [], {"t": ts, "p_true_gender": [], "p_flipped_gender": [], "p_man_men": [],
-                          "p_woman_women": [], "activity_accuracy": []}
+    p_man_all, out = [], {"t": ts, "p_true_gender": [], "p_flipped_gender": [], "p_true_gender_se": [],
+                          "flipped_choice": [], "p_man_men": [], "p_woman_women": [], "activity_accuracy": []}
     for t in ts:
         w_t = heads[t]
         x = apply_head(images, w_t)
@@ -90,6 +90,9 @@ def gender_curves(heads: dict, images: torch.Tensor, is_man: torch.Tensor, activ
         p_man_all.append(p_man)
         out["p_true_gender"].append(p_true.mean().item())
         out["p_flipped_gender"].append(1 - p_true.mean().item())
+        # sampling noise of the mean over images, to tell a real rise along t from noise
+        out["p_true_gender_se"].append(p_true.std().item() / math.sqrt(len(p_true)) if len(p_true) > 1 else 0.0)
+        out["flipped_choice"].append((p_true < 0.5).float().mean().item())   # images where the other gender wins
         out["p_man_men"].append(p_man[is_man].mean().item() if is_man.any() else float("nan"))
         out["p_woman_women"].append((1 - p_man[~is_man]).mean().item() if (~is_man).any() else float("nan"))
         out["activity_accuracy"].append(((x @ neutral.T).argmax(-1) == activity).float().mean().item())
@@ -222,7 +225,8 @@ def run_gender(args) -> dict:
                  for label, t in retrieval_ts.items()}
 
     output = Path(args.output)
-    columns = ("t", "p_true_gender", "p_flipped_gender", "p_man_men", "p_woman_women", "activity_accuracy")
+    columns = ("t", "p_true_gender", "p_flipped_gender", "p_true_gender_se", "flipped_choice", "p_man_men",
+               "p_woman_women", "activity_accuracy")
     write_csv([{c: curves[c][i] for c in columns} for i in range(len(ts))], output.with_suffix(".csv"), columns)
     ends = gender_curves(scaled_heads(weight, [0.0, 1.0]), images, is_man, activity, *captions, scale)["p_man"]
     per_image = [{"image": rows[r]["image"], "gender": rows[r]["gender"], "activity": rows[r]["activity"],

@@ -1,0 +1,189 @@
+"""The gender demo's ``report.md`` / ``report.json``: the targets measured on ``open_clip_po.eval gender``'s curves,
+and the plots of the paper's Figs. 3 (own vs flipped gender over t) and 4 (retrieval's gender mix at t = 0, t*, 1).
+"""
+from __future__ import annotations
+
+import math
+import os
+import platform
+from pathlib import Path
+
+from open_clip_po.atomic import atomic_path, write_text
+from open_clip_po.eval.report import write_json
+
+TARGET_READS = 0.85          # mean own-gender probability of the pre-trained model (t = 0)
+TARGET_FLIPPED = 0.80        # share of images whose flipped gender wins at t = 1
+TARGET_ACTIVITY_DROP = 0.02  # activity accuracy (neutral captions) at t = 1 within 2 points of t = 0
+NOISE_SES = 2.0              # a rise along t larger than this many standard errors is not noise
+
+
+def at_t(curves: dict, key: str, t: float) -> float:
+    """``curves[key]`` at the grid point nearest to ``t``."""
+    i = min(range(len(curves["t"])), key=lambda j: abs(curves["t"][j] - t))
+    return curves[key][i]
+
+
+def largest_rise(curves: dict) -> tuple[float, float]:
+    """The largest rise of the own-gender probability between neighbouring grid points, and the noise it is
+    compared with (``NOISE_SES`` standard errors of the mean at the higher point)."""
+    p, se = curves["p_true_gender"], curves["p_true_gender_se"]
+    rises = [(p[i + 1] - p[i], NOISE_SES * max(se[i], se[i + 1])) for i in range(len(p) - 1)]
+    return max(rises, default=(0.0, 0.0))
+
+
+def nearer_parity(retrieval: dict) -> tuple[int, int]:
+    """For how many prompts the neutral t*'s top-k is nearer a 50/50 gender mix than t = 0's; of how many."""
+    base = next(v for k, v in retrieval.items() if k.startswith("t=0 "))
+    neutral = next((v for k, v in retrieval.items() if k.startswith("t*")), None)
+    if neutral is None:
+        return 0, len(base)
+    wins = sum(abs(n["women_fraction"] - 0.5) < abs(b["women_fraction"] - 0.5) for b, n in zip(base, neutral))
+    return wins, len(base)
+
+
+def check_gender_targets(row: dict) -> dict:
+    """The acceptance targets for one objective's head, from its curves and retrieval counts."""
+    c = row["curves"]
+    own0, own1 = at_t(c, "p_true_gender", 0.0), at_t(c, "p_true_gender", 1.0)
+    act0, act1 = at_t(c, "activity_accuracy", 0.0), at_t(c, "activity_accuracy", 1.0)
+    rise, noise = largest_rise(c)
+    wins, prompts = nearer_parity(row["retrieval"])
+    t_star = row["t_star"]
+    return {
+        "own_gender_t0": own0, "reads_gender": own0 >= TARGET_READS,
+        "own_gender_t1": own1, "flipped_choice_t1": at_t(c, "flipped_choice", 1.0),
+        "flips": at_t(c, "flipped_choice", 1.0) >= TARGET_FLIPPED,
+        "activity_t0": act0, "activity_t1": act1, "activity_kept": act0 - act1 <= TARGET_ACTIVITY_DROP,
+        "largest_rise": rise, "rise_noise": noise, "monotone": rise <= noise,
+        "t_star": t_star, "neutral_t_in_0_1": math.isfinite(t_star) and 0.0 < t_star < 1.0,
+        "prompts_nearer_parity": wins, "prompts": prompts, "retrieval_nearer_parity": wins * 2 > prompts,
+    }
+
+
+def _save(fig, path: Path) -> Path:
+    """Save a figure as a 256-colour PNG (small enough to keep in the repository)."""
+    import io
+
+    import matplotlib.pyplot as plt
+    from PIL import Image
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    with atomic_path(path) as tmp:
+        Image.open(buf).convert("RGB").quantize(256).save(tmp, format="PNG")
+    return path
+
+
+def plot_flip(rows: list[dict], path: Path) -> Path:
+    """Fig. 3: mean probability of the own and the flipped gender over t, one colour per objective."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for row, colour in zip(rows, ("tab:blue", "tab:orange", "tab:green")):
+        c = row["curves"]
+        ax.plot(c["t"], c["p_true_gender"], "o-", color=colour, ms=3, label=f"{row['method']}: own gender")
+        ax.plot(c["t"], c["p_flipped_gender"], "--", color=colour, label=f"{row['method']}: flipped gender")
+        if math.isfinite(row["t_star"]):
+            ax.axvline(row["t_star"], color=colour, linestyle=":", linewidth=1)
+    ax.axhline(0.5, color="gray", linewidth=0.8)
+    ax.set_xlabel("t  (W_t = UΣ^tVᵀ; t = 0 pre-trained, t = 1 trained head)")
+    ax.set_ylabel("probability (mean over held-out images)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_retrieval_mix(rows: list[dict], path: Path) -> Path:
+    """Fig. 4: women among the top-k images for each neutral activity prompt at t = 0, t*, 1, per objective."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 3.8), squeeze=False, sharey=True)
+    for ax, row in zip(axes[0], rows):
+        labels = list(row["retrieval"])
+        prompts = [r["prompt"].replace("The person is ", "") for r in row["retrieval"][labels[0]]]
+        width = 0.8 / len(labels)
+        for j, label in enumerate(labels):
+            xs = [i + (j - (len(labels) - 1) / 2) * width for i in range(len(prompts))]
+            ax.bar(xs, [r["women_fraction"] for r in row["retrieval"][label]], width, label=label)
+        ax.axhline(0.5, color="gray", linestyle="--", linewidth=1)
+        ax.set_xticks(range(len(prompts)), prompts, rotation=35, ha="right", fontsize=7)
+        ax.set_title(f"{row['method']}: \"The person is …\"", fontsize=9)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel(f"women among the top {row['retrieval'][labels[0]][0]['k']}")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _f(x, pct=False) -> str:
+    return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else (
+        f"{100 * x:.1f}" if pct else f"{x:.3f}")
+
+
+def _yes(ok: bool) -> str:
+    return "**met**" if ok else "**not met**"
+
+
+def write_gender_report(out: Path, *, cfg: dict, counts: dict, rows: list[dict], scaled: dict, pretrained: str,
+                        timings: dict) -> dict:
+    done = [r for r in rows if "curves" in r]
+    targets = {r["method"]: check_gender_targets(r) for r in done}
+    report = {"task": "gender_flip_demo",
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+              "config": cfg, "world": counts, "pretrained": pretrained,
+              "methods": [{k: v for k, v in r.items()} for r in rows], "targets": targets, "svd_scale": scaled,
+              "timings_s": timings}
+    write_json(report, out / "report.json")   # NaN (no crossing) as null
+    if done:
+        plot_flip(done, out / "flip.png")
+        plot_retrieval_mix(done, out / "retrieval.png")
+    lines = [
+        "# open_clip_po demo: flipping a CLIP's reading of gender with a linear head",
+        "",
+        f"A `{cfg['model']}` CLIP pre-trained with open_clip's trainer on {cfg['pretrain_images']} pictures of men and "
+        "women doing six activities, captioned \"The man/woman is <activity>\" with the activities unevenly split "
+        "between genders. A linear head W is trained per objective (β = λ = 1) on triplets from "
+        "`python -m open_clip_po.data.gender` (y_w = the flipped-gender caption, y_l = the original, D_reg = "
+        "\"The person is <activity>\"), then scaled, W_t = UΣ^tVᵀ, and measured by "
+        f"`python -m open_clip_po.eval gender` on {counts['test']} held-out images (balanced: the same number of men "
+        "and women per activity). *Own* = mean probability of the image's own gender in the choice between "
+        "\"The man is <a>\" and \"The woman is <a>\"; *flipped* = share of images where the other gender wins; "
+        "*activity* = top-1 with the neutral captions; *parity* = activity prompts whose top-k at t* is nearer "
+        "50/50 women than at t = 0.",
+        "",
+        "| objective | own t=0 | own t=1 | flipped t=1 (%) | activity t=0 (%) | activity t=1 (%) | t* | "
+        "largest rise (noise) | parity at t* |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if r["method"] not in targets:
+            lines.append(f"| {r['method']} | failed: {r.get('error', '?')} | | | | | | | |")
+            continue
+        t = targets[r["method"]]
+        lines.append(f"| {r['method']} | {_f(t['own_gender_t0'])} | {_f(t['own_gender_t1'])} | "
+                     f"{_f(t['flipped_choice_t1'], True)} | {_f(t['activity_t0'], True)} | "
+                     f"{_f(t['activity_t1'], True)} | {_f(t['t_star'])} | {t['largest_rise']:+.3f} "
+                     f"({t['rise_noise']:.3f}) | {t['prompts_nearer_parity']}/{t['prompts']} |")
+    lines += ["", "Targets:"]
+    for m, t in targets.items():
+        lines.append(f"- {m}: pre-trained reads gender (own ≥ {TARGET_READS}) {_yes(t['reads_gender'])}; "
+                     f"flipped at t = 1 for ≥ {TARGET_FLIPPED:.0%} {_yes(t['flips'])}; activity within "
+                     f"{100 * TARGET_ACTIVITY_DROP:.0f} points {_yes(t['activity_kept'])}; own gender falls "
+                     f"monotonically in t (no rise > {NOISE_SES:g} standard errors) {_yes(t['monotone'])}; "
+                     f"neutral t* in (0, 1) {_yes(t['neutral_t_in_0_1'])}; retrieval nearer parity at t* for most "
+                     f"prompts {_yes(t['retrieval_nearer_parity'])}.")
+    if done:
+        lines += ["", "Own vs flipped gender over t (Fig. 3; dotted lines: t*):", "", "![flip](flip.png)", "",
+                  "Women among the top-k images for \"The person is <activity>\" at t = 0, t*, 1 (Fig. 4):", "",
+                  "![retrieval](retrieval.png)"]
+    if scaled:
+        lines += ["", "Stock open_clip checkpoints from `python -m open_clip_po.svd_scale` (W_t folded in): "
+                  + "; ".join(f"{m}: " + ", ".join(f"t = {t}" for t in v) for m, v in scaled.items()) + "."]
+    lines += ["", "The world (rows: men, women; two images per activity):", "", "![examples](world_examples.png)",
+              "", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()),
+              "", "Every command that ran is in `commands.txt`, its output in `logs/`."]
+    write_text(out / "report.md", "\n".join(lines) + "\n")
+    return report
