@@ -58,6 +58,22 @@ def finetune_argv(cfg, method: Method, pretrained: Path, data: list[str], logs: 
 
 # -- the typographic demo
 
+# Whole-image crops: the training transform is deterministic, so the reference's features can be computed once
+# (python -m open_clip_po.ref_cache) and the full fine-tunes run without a reference model, exactly.
+EXACT_AUG = ("--aug-cfg", "scale=(1.0, 1.0)")
+
+
+def ref_cache_argv(cfg, pretrained: Path, shards: Path, cache: Path) -> list[str]:
+    """``python -m open_clip_po.ref_cache`` with the fine-tunes' own data flags and transform."""
+    return [sys.executable, "-m", "open_clip_po.ref_cache", "--model", cfg.model, "--pretrained", str(pretrained),
+            *typographic_data(shards), *EXACT_AUG, "--precision", "fp32", "--batch-size", str(cfg.po_batch_size),
+            "--workers", "0", "--out", str(cache)]
+
+
+def cached_reference(cache: Path) -> list[str]:
+    """The flags of a fine-tune that reads the reference's features from ``cache``."""
+    return [*EXACT_AUG, "--po-ref-cache", str(cache)]
+
 def typographic_data(shards: Path) -> list[str]:
     """Typographic triplets and clean D_reg pairs, candidates = one prompt per class."""
     return ["--train-data", shard_spec(shards, "pref"), "--po-reg-data", shard_spec(shards, "reg"),

@@ -7,7 +7,8 @@ import logging
 import time
 from pathlib import Path
 
-from .commands import finetune_argv, pretrain_argv, typographic_argv, typographic_data, zeroshot_argv
+from .commands import (cached_reference, finetune_argv, pretrain_argv, ref_cache_argv, typographic_argv,
+                       typographic_data, zeroshot_argv)
 from .pipeline import TEMPLATE, DemoConfig, Runner, StageError, checkpoint_of, fresh, read_metrics
 from .report import write_report
 from .world import TextStyle, world_classes
@@ -71,11 +72,15 @@ def run_demo(cfg: DemoConfig, out: Path, *, pretrained: Path | None = None, quie
     log.info("pre-trained: %s", _fmt(rows[-1]))
 
     log.info("4/5 fine-tuning: %s", ", ".join(m.name for m in cfg.methods))
+    cache = out / "ref_cache"
+    if any(not m.head for m in cfg.methods):  # heads need none: their reference is the frozen backbone
+        runner.run("ref-cache", ref_cache_argv(cfg, pretrained, out / "shards", fresh(cache)))
     for method in cfg.methods:
         name = method.slug
         fresh(runs / name)
         try:
-            argv = finetune_argv(cfg, method, pretrained, typographic_data(out / "shards"), runs, name)
+            data = typographic_data(out / "shards") + ([] if method.head else cached_reference(cache))
+            argv = finetune_argv(cfg, method, pretrained, data, runs, name)
             runner.run(f"finetune-{name}", argv)
         except StageError as e:
             log.error("%s", e)
