@@ -166,7 +166,7 @@ po_launch() {
     master_port="${MASTER_PORT:-$((20000 + job_id % 20000))}"
 
     local -a train_args=(
-        --po-loss "$PO_LOSS" --po-reg-lambda "$PO_REG_LAMBDA"
+        --po-loss "$PO_LOSS"
         --model "$MODEL"
         --train-data "$TRAIN_DATA"
         --logs-dir "$LOGS" --name "$name"
@@ -182,7 +182,8 @@ po_launch() {
         train_args+=(--pretrained "$PRETRAINED")
     fi
     if [ -n "$REG_DATA" ]; then
-        train_args+=(--po-reg-data "$REG_DATA")
+        # lambda only with D_reg: without it there is no regulariser, and the trainer refuses an inert lambda
+        train_args+=(--po-reg-data "$REG_DATA" --po-reg-lambda "$PO_REG_LAMBDA")
     fi
     if [ -n "$PO_AVERAGE" ]; then
         train_args+=(--po-average "$PO_AVERAGE")
