@@ -71,8 +71,18 @@ def run_demo(cfg: DemoConfig, out: Path, *, pretrained: Path | None = None, quie
                  **read_metrics(evals / "pretrained.json")})
     log.info("pre-trained: %s", _fmt(rows[-1]))
 
+    rows += _fine_tune(cfg, out, runner, pretrained, test, attacked, evals)
+    sweep = _kl_and_sweep(cfg, runner, rows, pretrained, test, attacked, evals)
+
+    runner.timings["total"] = round(time.perf_counter() - t_start, 1)
+    return write_report(out, cfg=dataclasses.asdict(cfg), counts=counts, rows=rows, sweep=sweep,
+                        timings=runner.timings)
+
+
+def _fine_tune(cfg, out, runner, pretrained, test, attacked, evals) -> list[dict]:
+    """Stage 4: every method through torchrun; the full fine-tunes read a reference cache built once."""
     log.info("4/5 fine-tuning: %s", ", ".join(m.name for m in cfg.methods))
-    cache = out / "ref_cache"
+    runs, cache, rows = out / "runs", out / "ref_cache", []
     if any(not m.head for m in cfg.methods):  # heads need none: their reference is the frozen backbone
         runner.run("ref-cache", ref_cache_argv(cfg, pretrained, out / "shards", fresh(cache)))
     for method in cfg.methods:
@@ -80,8 +90,7 @@ def run_demo(cfg: DemoConfig, out: Path, *, pretrained: Path | None = None, quie
         fresh(runs / name)
         try:
             data = typographic_data(out / "shards") + ([] if method.head else cached_reference(cache))
-            argv = finetune_argv(cfg, method, pretrained, data, runs, name)
-            runner.run(f"finetune-{name}", argv)
+            runner.run(f"finetune-{name}", finetune_argv(cfg, method, pretrained, data, runs, name))
         except StageError as e:
             log.error("%s", e)
             rows.append({"method": method.name, "loss": method.loss, "head": method.head, "error": str(e)})
@@ -91,7 +100,11 @@ def run_demo(cfg: DemoConfig, out: Path, *, pretrained: Path | None = None, quie
         rows.append({"method": method.name, "loss": method.loss, "head": method.head, "checkpoint": str(ckpt),
                      **read_metrics(evals / f"{name}.json")})
         log.info("%s: %s", method.name, _fmt(rows[-1]))
+    return rows
 
+
+def _kl_and_sweep(cfg, runner, rows, pretrained, test, attacked, evals) -> dict | None:
+    """Stage 5: KL to the reference for every tuned model (into ``rows``), the t-sweep of the first head."""
     log.info("5/5 KL to the reference, t-sweep, report")
     tuned = [r for r in rows[1:] if "checkpoint" in r]
     if tuned:
@@ -105,18 +118,14 @@ def run_demo(cfg: DemoConfig, out: Path, *, pretrained: Path | None = None, quie
         for r in tuned:
             r["kl_to_ref"] = kl[r["method"]]["kl_mean"]
     rows[0]["kl_to_ref"] = 0.0
-    sweep = None
     head_rows = [r for r in tuned if r["head"] and r["loss"] != "ce"]
-    if head_rows:
-        sweep_argv = ["sweep", "--model", cfg.model, "--pretrained", head_rows[0]["checkpoint"], "--images",
-                      str(test), "--typographic", str(attacked), "--template", TEMPLATE, "--t", cfg.sweep_t,
-                      "--workers", "0", "--output", str(evals / "sweep.json")]
-        runner.eval("eval-sweep", sweep_argv)
-        sweep = {"method": head_rows[0]["method"], **json.loads((evals / "sweep.json").read_text(encoding="utf-8"))}
-
-    runner.timings["total"] = round(time.perf_counter() - t_start, 1)
-    return write_report(out, cfg=dataclasses.asdict(cfg), counts=counts, rows=rows, sweep=sweep,
-                        timings=runner.timings)
+    if not head_rows:
+        return None
+    sweep_argv = ["sweep", "--model", cfg.model, "--pretrained", head_rows[0]["checkpoint"], "--images",
+                  str(test), "--typographic", str(attacked), "--template", TEMPLATE, "--t", cfg.sweep_t,
+                  "--workers", "0", "--output", str(evals / "sweep.json")]
+    runner.eval("eval-sweep", sweep_argv)
+    return {"method": head_rows[0]["method"], **json.loads((evals / "sweep.json").read_text(encoding="utf-8"))}
 
 
 def _fmt(row: dict) -> str:

@@ -169,6 +169,61 @@ def plot_retrieval(retrieval: dict, path) -> Path:
     return save_figure(fig, path)
 
 
+def _check_templates(caption: str, neutral_caption: str) -> None:
+    for template, fields in ((caption, ("{gender}", "{activity}")), (neutral_caption, ("{activity}",))):
+        if not all(f in template for f in fields):
+            raise EvalError(f"caption template {template!r} must contain {' and '.join(fields)}")
+        try:
+            template.format(gender="man", activity="x")
+        except (KeyError, IndexError, ValueError) as e:
+            raise EvalError(f"caption template {template!r} has a field other than "
+                            f"{{gender}}/{{activity}}: {e}") from None
+
+
+def _retrieval_at_key_ts(t_star, weight, images, is_man, prompt_features, prompts, top_k) -> dict:
+    """Retrieval's gender mix at t = 0 (the base model), t* (neutral, when there is one) and t = 1 (the head)."""
+    from .sweep import scaled_heads
+
+    ts = {"t=0 (base)": 0.0, "t=1 (trained)": 1.0}
+    if math.isfinite(t_star):
+        ts[f"t*={t_star:.3f} (neutral)"] = t_star
+    ts = dict(sorted(ts.items(), key=lambda item: item[1]))   # bars in order of t
+    heads = scaled_heads(weight, list(ts.values()))
+    return {label: retrieval_counts(heads[t], images, is_man, prompt_features, prompts, top_k)
+            for label, t in ts.items()}
+
+
+def _write_gender_outputs(args, curves, ts, rows, kept, skipped, activities, retrieval, is_man, scoring) -> dict:
+    """The curves' CSV, the per-image CSV, the JSON and the two PNGs beside ``args.output``; returns the JSON."""
+    from .sweep import scaled_heads
+
+    weight, images, activity, captions, scale = scoring
+    output = Path(args.output)
+    columns = ("t", "p_true_gender", "p_flipped_gender", "p_true_gender_se", "flipped_choice", "p_man_men",
+               "p_woman_women", "activity_accuracy")
+    write_csv([{c: curves[c][i] for c in columns} for i in range(len(ts))], output.with_suffix(".csv"), columns)
+    ends = gender_curves(scaled_heads(weight, [0.0, 1.0]), images, is_man, activity, *captions, scale)["p_man"]
+    per_image = [{"image": rows[r]["image"], "gender": rows[r]["gender"], "activity": rows[r]["activity"],
+                  "t_star": curves["t_star_per_image"][j], "p_man_t0": ends[0, j].item(),
+                  "p_man_t1": ends[1, j].item()} for j, r in enumerate(kept)]
+    write_csv(per_image, output.with_name(output.stem + "_images.csv"))
+    finite = torch.tensor([t for t in curves["t_star_per_image"] if math.isfinite(t)])
+    result = {
+        "dataset": Path(args.csv).name, "model": args.model, "pretrained": args.pretrained, "task": "gender_flip",
+        "weights": args.weights, "caption": args.caption, "neutral_caption": args.neutral_caption,
+        "num_images": len(kept), "skipped": skipped, "activities": activities,
+        "metrics": {"t_star": curves["t_star"], "crossings": curves["crossings"],
+                    "t_star_per_image_median": finite.median().item() if finite.numel() else float("nan"),
+                    "images_with_crossing": int(finite.numel())},
+        "curves": {c: curves[c] for c in columns},
+        "retrieval": retrieval,
+    }
+    write_json(result, output)
+    plot_gender(curves, is_man, f"{Path(args.csv).name} — {args.model}", output.with_suffix(".png"))
+    plot_retrieval(retrieval, output.with_name(output.stem + "_retrieval.png"))
+    return result
+
+
 def run_gender(args) -> dict:
     """The ``gender`` subcommand: JSON + CSV of the curves, per-image CSV, and two PNGs."""
     import open_clip
@@ -177,14 +232,7 @@ def run_gender(args) -> dict:
     from .features import PromptFeatures, base_encoders, encode_images, head_weight, load_eval_model, logit_scale
     from .sweep import parse_t_values, scaled_heads
 
-    for template, fields in ((args.caption, ("{gender}", "{activity}")), (args.neutral_caption, ("{activity}",))):
-        if not all(f in template for f in fields):
-            raise EvalError(f"caption template {template!r} must contain {' and '.join(fields)}")
-        try:
-            template.format(gender="man", activity="x")
-        except (KeyError, IndexError, ValueError) as e:
-            raise EvalError(f"caption template {template!r} has a field other than "
-                            f"{{gender}}/{{activity}}: {e}") from None
+    _check_templates(args.caption, args.neutral_caption)
     ts = parse_t_values(args.t)
     rows = read_gender_csv(args.csv, args.images_root)
     model, preprocess = load_eval_model(args.model, args.pretrained, weights=args.weights, device=args.device)
@@ -215,39 +263,12 @@ def run_gender(args) -> dict:
     captions = (prompts.raw(man_prompts), prompts.raw(woman_prompts), prompts.raw(neutral_prompts))
     curves = gender_curves(scaled_heads(weight, ts), images, is_man, activity, *captions, scale)
 
-    retrieval_ts = {"t=0 (base)": 0.0, "t=1 (trained)": 1.0}
-    if math.isfinite(curves["t_star"]):
-        retrieval_ts[f"t*={curves['t_star']:.3f} (neutral)"] = curves["t_star"]
-    retrieval_ts = dict(sorted(retrieval_ts.items(), key=lambda item: item[1]))   # bars in order of t
-    retrieval_heads = scaled_heads(weight, list(retrieval_ts.values()))
-    retrieval = {label: retrieval_counts(retrieval_heads[t], images, is_man, prompts.raw(retrieval_prompts),
-                                         retrieval_prompts, args.top_k)
-                 for label, t in retrieval_ts.items()}
+    retrieval = _retrieval_at_key_ts(curves["t_star"], weight, images, is_man, prompts.raw(retrieval_prompts),
+                                     retrieval_prompts, args.top_k)
 
-    output = Path(args.output)
-    columns = ("t", "p_true_gender", "p_flipped_gender", "p_true_gender_se", "flipped_choice", "p_man_men",
-               "p_woman_women", "activity_accuracy")
-    write_csv([{c: curves[c][i] for c in columns} for i in range(len(ts))], output.with_suffix(".csv"), columns)
-    ends = gender_curves(scaled_heads(weight, [0.0, 1.0]), images, is_man, activity, *captions, scale)["p_man"]
-    per_image = [{"image": rows[r]["image"], "gender": rows[r]["gender"], "activity": rows[r]["activity"],
-                  "t_star": curves["t_star_per_image"][j], "p_man_t0": ends[0, j].item(),
-                  "p_man_t1": ends[1, j].item()} for j, r in enumerate(kept)]
-    write_csv(per_image, output.with_name(output.stem + "_images.csv"))
-    finite = torch.tensor([t for t in curves["t_star_per_image"] if math.isfinite(t)])
-    result = {
-        "dataset": Path(args.csv).name, "model": args.model, "pretrained": args.pretrained, "task": "gender_flip",
-        "weights": args.weights, "caption": args.caption, "neutral_caption": args.neutral_caption,
-        "num_images": len(kept), "skipped": encoded["skipped"], "activities": activities,
-        "metrics": {"t_star": curves["t_star"], "crossings": curves["crossings"],
-                    "t_star_per_image_median": finite.median().item() if finite.numel() else float("nan"),
-                    "images_with_crossing": int(finite.numel())},
-        "curves": {c: curves[c] for c in columns},
-        "retrieval": retrieval,
-    }
-    write_json(result, output)
-    plot_gender(curves, is_man, f"{Path(args.csv).name} — {args.model}", output.with_suffix(".png"))
-    plot_retrieval(retrieval, output.with_name(output.stem + "_retrieval.png"))
+    result = _write_gender_outputs(args, curves, ts, rows, kept, encoded["skipped"], activities, retrieval, is_man,
+                                   (weight, images, activity, captions, scale))
     t_star = curves["t_star"]
     print(f"t* = {t_star:.4f}" if math.isfinite(t_star) else "no crossing of P(own) and P(flipped) gender on this grid",
-          f"→ {output}")
+          f"→ {args.output}")
     return result

@@ -49,14 +49,40 @@ def plot_kl(labels: Sequence[str], metrics: Sequence[dict], title: str, path) ->
     return save_figure(fig, path)
 
 
+def _kl_to_own_backbone(model, pretrained, label, clean, tokenizer, templates, scale, direction, kw):
+    """Per-image KL of a head model to the same backbone without the head: encode once, apply W or not."""
+    from .features import PromptFeatures, apply_head, base_encoders, class_prompts, encode_images, head_weight
+
+    weight = head_weight(model)
+    if weight is None:
+        raise EvalError(f"{pretrained} has no linear head: give the reference with --ref-pretrained")
+    encode_image, encode_text = base_encoders(model)
+    base = encode_images(encode_image, clean, desc=label, **kw)
+    prompts = PromptFeatures(encode_text, tokenizer, class_prompts(clean.classnames, templates), kw["device"])
+    return kl_per_image(apply_head(base["features"], weight), prompts.classifier(clean.classnames, templates, weight),
+                        scale, apply_head(base["features"], None),
+                        prompts.classifier(clean.classnames, templates, None), scale, direction)
+
+
+def _kl_to_reference(model, ref, label, clean, tokenizer, templates, scale, args, kw):
+    """Per-image KL of a model to a reference given by its image features, classifier and scale."""
+    from .features import encode_images_normalized, zero_shot_classifier
+
+    ref_features, ref_classifier, ref_scale = ref
+    policy = encode_images_normalized(model, clean, desc=label, **kw)
+    if not torch.equal(policy["labels"], ref_features["labels"]):
+        raise EvalError("policy and reference read different images (unreadable files differ?)")
+    classifier = zero_shot_classifier(model, tokenizer, clean.classnames, templates, args.device)
+    return kl_per_image(policy["features"], classifier, scale, ref_features["features"], ref_classifier, ref_scale,
+                        args.direction)
+
+
 def run_kl(args) -> dict:
     """The ``kl`` subcommand: JSON with one entry per checkpoint and a bar chart (PNG)."""
     import open_clip
 
     from .data import open_eval_sets
-    from .features import (PromptFeatures, apply_head, base_encoders, class_prompts, encode_images,
-                           encode_images_normalized, head_weight, load_eval_model, logit_scale,
-                           zero_shot_classifier)
+    from .features import encode_images_normalized, load_eval_model, logit_scale, zero_shot_classifier
     from .templates import resolve_templates
 
     labels = args.label or [Path(p).stem for p in args.pretrained]
@@ -80,26 +106,8 @@ def run_kl(args) -> dict:
         model, preprocess = load_eval_model(args.model, pretrained, weights=args.weights, device=args.device)
         clean, _ = open_eval_sets(args.images, preprocess, classnames_file=args.classnames)
         scale = logit_scale(model)
-        if ref is None:
-            weight = head_weight(model)
-            if weight is None:
-                raise EvalError(f"{pretrained} has no linear head: give the reference with --ref-pretrained")
-            # Reference = the same backbone without the head: encode once, apply W or not.
-            encode_image, encode_text = base_encoders(model)
-            base = encode_images(encode_image, clean, desc=label, **kw)
-            prompts = PromptFeatures(encode_text, tokenizer, class_prompts(clean.classnames, templates), args.device)
-            kl = kl_per_image(apply_head(base["features"], weight), prompts.classifier(clean.classnames, templates,
-                                                                                      weight), scale,
-                              apply_head(base["features"], None), prompts.classifier(clean.classnames, templates,
-                                                                                      None), scale, args.direction)
-        else:
-            ref_features, ref_classifier, ref_scale = ref
-            policy = encode_images_normalized(model, clean, desc=label, **kw)
-            if not torch.equal(policy["labels"], ref_features["labels"]):
-                raise EvalError("policy and reference read different images (unreadable files differ?)")
-            classifier = zero_shot_classifier(model, tokenizer, clean.classnames, templates, args.device)
-            kl = kl_per_image(policy["features"], classifier, scale, ref_features["features"], ref_classifier,
-                              ref_scale, args.direction)
+        kl = (_kl_to_own_backbone(model, pretrained, label, clean, tokenizer, templates, scale, args.direction, kw)
+              if ref is None else _kl_to_reference(model, ref, label, clean, tokenizer, templates, scale, args, kw))
         results.append({"label": label, "pretrained": pretrained, "metrics": summarize(kl)})
         del model
 
