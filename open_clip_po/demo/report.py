@@ -66,23 +66,8 @@ def plot_table(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def write_report(out: Path, *, cfg: dict, counts: dict, rows: list[dict], sweep: dict | None,
-                 timings: dict) -> dict:
-    targets = check_targets(rows)
-    report = {
-        "task": "typographic_attack_demo",
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count()},
-        "config": cfg,
-        "world": counts,
-        "methods": rows,
-        "targets": targets,
-        "sweep": None if sweep is None else {"method": sweep["method"], "rows": sweep["rows"]},
-        "timings_s": timings,
-    }
-    write_text(out / "report.json", json.dumps(report, indent=2, default=str))
-    plot_table(rows, out / "report_table.png")
-
+def _intro_and_table(cfg: dict, rows: list[dict]) -> list[str]:
+    """The report's opening paragraph and its table of methods (Δ against the pre-trained model, row 0)."""
     pre = rows[0]
     lines = [
         "# open_clip_po demo: preference optimisation against typographic attacks",
@@ -107,6 +92,27 @@ def write_report(out: Path, *, cfg: dict, counts: dict, rows: list[dict], sweep:
         d_clean = "" if r is pre else f"{100 * (r['clean'] - pre['clean']):+.1f}"
         lines.append(f"| {r['method']} | {_pct(r['clean'])} | {_pct(r['attacked'])} | {_pct(r['written_rate'])} | "
                      f"{'—' if kl is None else f'{kl:.3g}'} | {d_att} | {d_clean} |")
+    return lines
+
+
+def write_report(out: Path, *, cfg: dict, counts: dict, rows: list[dict], sweep: dict | None,
+                 timings: dict) -> dict:
+    targets = check_targets(rows)
+    report = {
+        "task": "typographic_attack_demo",
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count()},
+        "config": cfg,
+        "world": counts,
+        "methods": rows,
+        "targets": targets,
+        "sweep": None if sweep is None else {"method": sweep["method"], "rows": sweep["rows"]},
+        "timings_s": timings,
+    }
+    write_text(out / "report.json", json.dumps(report, indent=2, default=str))
+    plot_table(rows, out / "report_table.png")
+
+    lines = _intro_and_table(cfg, rows)
     lines += [
         "",
         "Targets: attacked accuracy up ≥ 30 points with clean accuracy down ≤ 2 points for at least one "
