@@ -75,6 +75,11 @@ class TrainingHooks:
 
     # --- epoch boundaries -------------------------------------------------------------------------------------
     def start_of_epoch(self, epoch: int, steps_per_epoch: int, is_master: bool) -> None:
+        memo = getattr(self.setup.reference, "text_cache", None)
+        if memo is not None:
+            # A feature memoised from one batch differs in the last bit from the same caption encoded in another
+            # batch; starting each epoch empty makes a run resumed at an epoch boundary repeat the unbroken one.
+            memo.clear()
         if self.averager is None and self.args.po_average != "none" and is_master:
             self.averager = create_averager(self.args.po_average, self.setup.model, steps_per_epoch * self.args.epochs,
                                             self.args.po_bma_gamma, self.args.po_ema_decay)

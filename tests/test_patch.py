@@ -127,8 +127,9 @@ def test_patch_applies_with_p2_and_create_loss_finds_our_objective_for_open_clip
     found = json.loads(result.stdout.strip().splitlines()[-1])
     assert found["file"].startswith(str(patched_site_copy))
     assert {"dpo", "ipo", "kto"} <= set(found["plugins"])
-    assert (found["type"], found["objective"], found["hparams"]) == ("OpenClipPreferenceLoss", "DPOLoss",
-                                                                     {"beta": 0.5, "label_smoothing": 0.0})
+    assert (found["type"], found["objective"]) == ("OpenClipPreferenceLoss", "DPOLoss")
+    assert found["hparams"] == {"beta": 0.5, "label_smoothing": 0.0, "f_divergence_type": "reverse_kl",
+                                "f_alpha_divergence_coef": 1.0}  # --po-beta reached it; the rest are DPO's defaults
     # Reference-free DPO by hand on the same features: −log σ(β s (I·T_w − I·T_l)).
     torch.manual_seed(0)
     img = F.normalize(torch.randn(3, 8), dim=-1)
