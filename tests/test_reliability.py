@@ -150,3 +150,23 @@ def test_a_run_killed_mid_epoch_and_resumed_equals_the_unbroken_run(tmp_path):
         assert torch.equal(b["state_dict"][name], value), name
     for name, value in a["po_average"]["state_dict"].items():
         assert torch.equal(b["po_average"]["state_dict"][name], value), name
+
+
+@pytest.mark.slow
+def test_a_checkpoint_in_the_earlier_format_still_resumes(tmp_path, caplog):
+    # the format before RNG states were saved: open_clip's keys, the head and the average outside state_dict
+    toy = make_toy(tmp_path / "data", num_samples=32, per_shard=16)
+    argv = base_args(toy, tmp_path, "old", "--po-loss", "dpo", "--po-linear-head", "--po-average", "ema",
+                     "--batch-size", "8", epochs=1)
+    run_in_process(argv)
+    path = tmp_path / "old" / "checkpoints" / "epoch_latest.pt"
+    ckpt = load_checkpoint(path)
+    earlier = {k: v for k, v in ckpt.items() if k not in (RNG_KEY, "po_objective", "po_reference")}
+    assert set(earlier) >= {"epoch", "name", "state_dict", "optimizer", "po_head", "po_average"}
+    torch.save(earlier, path)
+    run_in_process(base_args(toy, tmp_path, "old", "--po-loss", "dpo", "--po-linear-head", "--po-average", "ema",
+                             "--batch-size", "8", "--resume", "latest", epochs=2))
+    resumed = load_checkpoint(tmp_path / "old" / "checkpoints" / "epoch_2.pt")
+    assert resumed["epoch"] == 2 and resumed["po_average"]["state"]["num_updates"] == 8
+    assert not torch.equal(resumed["po_head"]["weight"], ckpt["po_head"]["weight"])
+    assert "the checkpoint has no RNG states" in caplog.text
