@@ -45,6 +45,23 @@ def load(path: Path):
     return module
 
 
+def _sections(text: str) -> tuple[str, dict[str, str]]:
+    """A BENCHMARKS.md split into its header and its ``## name`` sections, in order."""
+    parts = text.split("\n## ")
+    return parts[0], {part.split("\n", 1)[0]: "## " + part for part in parts[1:]}
+
+
+def keep_other_sections(old: str, new: str, measured: list[str]) -> str:
+    """``--only``: the sections just measured replace theirs; the others, and their dates, stay as they were."""
+    old_header, old_sections = _sections(old)
+    new_header, new_sections = _sections(new)
+    when = new_header.split("Measured ", 1)[1].split(" on ", 1)[0] if "Measured " in new_header else "?"
+    names = ", ".join(stem.removeprefix("bench_") for stem in measured)
+    header = old_header.rstrip("\n") + f"\nSection(s) {names} re-measured {when} (`python benchmarks/run.py --only`).\n"
+    merged = {**old_sections, **new_sections}
+    return header + "\n" + "\n".join(section.rstrip("\n") + "\n" for section in merged.values())
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats (for a smoke run)")
@@ -92,7 +109,10 @@ def main(argv=None) -> int:
         lines.append("")
     if args.quick:
         lines.insert(3, "**Quick run: few repeats, figures are rough.**")
-    Path(args.out).write_text("\n".join(lines))
+    text = "\n".join(lines)
+    if args.only and Path(args.out).exists():
+        text = keep_other_sections(Path(args.out).read_text(), text, [stem for stem, _ in sections])
+    Path(args.out).write_text(text)
     print(f"wrote {args.out}")
     return 0
 
