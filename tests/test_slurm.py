@@ -237,6 +237,18 @@ def test_loopback_cluster_runs_a_two_task_step(slurm, tmp_path):
     assert [l for l in lines if l] == ["task 0 of 2", "task 1 of 2"]
 
 
+def _typographic_job(slurm, tmp_path, env, sbatch_args):
+    """sbatch typographic.sh (cluster-specific #SBATCH lines overridden on the command line, as a user of a CPU
+    partition would), wait for it, and require it COMPLETED; returns (job id, state, job log)."""
+    job = slurm.submit(["--gpus-per-node=0", *sbatch_args, "--mem=0", "--time=10", f"--chdir={tmp_path}",
+                        str(SCRIPTS / "typographic.sh"), "--log-every-n-steps", "1"], env=env)
+    state = slurm.wait(job, timeout=480)
+    log_file = tmp_path / "logs" / f"po-typographic-{job}.out"
+    log = log_file.read_text(errors="replace") if log_file.exists() else "(no log file)"
+    assert (state["JobState"], state["ExitCode"]) == ("COMPLETED", "0:0"), log[-4000:]
+    return job, state, log
+
+
 @pytest.mark.slurm
 @pytest.mark.integration
 @pytest.mark.slow
@@ -252,14 +264,7 @@ def test_typographic_job_trains_and_checkpoints(slurm, tmp_path):
         socket.gethostbyname(slurm.node)
     except OSError:  # a container whose hostname does not resolve: rendezvous on loopback instead
         env["MASTER_ADDR"] = "127.0.0.1"
-    # Cluster-specific #SBATCH lines overridden on the command line, as a user of a CPU partition would.
-    job = slurm.submit(["--gpus-per-node=0", "--cpus-per-task=2", "--mem=0", "--time=10",
-                        f"--chdir={tmp_path}", str(SCRIPTS / "typographic.sh"), "--log-every-n-steps", "1"],
-                       env=env)
-    state = slurm.wait(job, timeout=480)
-    log_file = tmp_path / "logs" / f"po-typographic-{job}.out"
-    log = log_file.read_text(errors="replace") if log_file.exists() else "(no log file)"
-    assert (state["JobState"], state["ExitCode"]) == ("COMPLETED", "0:0"), log[-4000:]
+    job, state, log = _typographic_job(slurm, tmp_path, env, ["--cpus-per-task=2"])
 
     assert "open_clip_po: dpo beta=1 lambda=1 on 1 node(s) x 2 process(es), batch 4/process" in log
     run = tmp_path / "logs" / f"po-typographic-dpo-{job}"
@@ -295,13 +300,7 @@ def test_two_node_job_meets_through_the_first_nodes_address(slurm_two_nodes, tmp
            "NPROC_PER_NODE": "1", "GLOBAL_BATCH": "8", "EPOCHS": "1", "MODEL": "po-tiny", "PRETRAINED": "",
            "WORKERS": "0", "DATA_DIR": str(tmp_path / "data"), "LOGS": str(tmp_path / "logs"),
            "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    job = slurm.submit(["--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=0", "--time=10",
-                        f"--chdir={tmp_path}", str(SCRIPTS / "typographic.sh"), "--log-every-n-steps", "1"],
-                       env=env)
-    state = slurm.wait(job, timeout=480)
-    log_file = tmp_path / "logs" / f"po-typographic-{job}.out"
-    log = log_file.read_text(errors="replace") if log_file.exists() else "(no log file)"
-    assert (state["JobState"], state["ExitCode"]) == ("COMPLETED", "0:0"), log[-4000:]
+    job, state, log = _typographic_job(slurm, tmp_path, env, ["--nodes=2", "--cpus-per-task=1"])
     assert state["NodeList"] == "po[0-1]" and state["NumNodes"] == "2"
     assert "open_clip_po: dpo beta=1 lambda=1 on 2 node(s) x 1 process(es), batch 4/process" in log
     run = tmp_path / "logs" / f"po-typographic-dpo-{job}"
