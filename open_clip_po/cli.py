@@ -149,8 +149,8 @@ def _check_paths(args) -> None:
             raise UsageError(f"--{flag.replace('_', '-')} {path}: no such file or directory")
 
 
-def _warn_inert(args) -> None:
-    if args.po_kto_kl != "mismatched" and not build_objective(args).needs_kl:
+def _warn_inert(args, objective) -> None:
+    if args.po_kto_kl != "mismatched" and not objective.needs_kl:
         logging.warning(f"--po-kto-kl has no effect with --po-loss {args.po_loss} (only KTO uses a reference point)")
 
 
@@ -196,10 +196,10 @@ def validate(args) -> None:
     if args.po_eval_weights == "average" and args.po_average == "none":
         raise UsageError("--po-eval-weights average needs --po-average bma|ema")
     try:
-        build_objective(args)
+        objective = build_objective(args)
     except (TypeError, ValueError) as e:
         raise UsageError(f"--po-loss {args.po_loss}: {e}".splitlines()[0]) from e
-    _warn_inert(args)
+    _warn_inert(args, objective)
 
 
 def build_objective(args):
