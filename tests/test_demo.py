@@ -95,6 +95,9 @@ def test_pretrain_argv_runs_open_clip_on_our_shards(tmp_path):
     for i in range(2):
         (shards / f"pretrain-read-{i:06d}.tar").write_bytes(b"")
     argv = pretrain_argv(DemoConfig(), "read", 3, shards, tmp_path / "runs", None)
+    # open_clip's CLIP training through our entry point (seeded shuffles): no PO option may turn it into a PO run
+    assert argv[1:3] == ["-m", "open_clip_po.main"] and not any(a.startswith(("--po-", "--ref-")) for a in argv)
+    assert argv[argv.index("--seed") + 1] == str(DemoConfig().seed)
     assert argv[argv.index("--dataset-type") + 1] == "webdataset"
     assert argv[argv.index("--train-data") + 1] == str(shards / "pretrain-read-{000000..000001}.tar")
     assert "--train-num-samples" not in argv  # open_clip reads the count from our sizes.json
@@ -218,7 +221,9 @@ def test_quick_demo_end_to_end(tmp_path):
         with Image.open(out / png) as im:
             assert im.size[0] > 100 and im.size[1] > 100
     commands = (out / "commands.txt").read_text()
-    assert "open_clip_train.main" in commands and "open_clip_po.data.typographic" in commands
+    assert "open_clip_po.data.typographic" in commands
+    pretrain = [line for line in commands.splitlines() if "--name pretrain-" in line]
+    assert pretrain and all("-m open_clip_po.main" in line and "--po-" not in line for line in pretrain)
     assert "torch.distributed.run --nproc_per_node=2" in commands and "-m open_clip_po.main" in commands
 
 
@@ -358,7 +363,8 @@ def test_quick_gender_demo_end_to_end(tmp_path):
         with Image.open(out / png) as im:
             assert im.size[0] > 100 and im.size[1] > 100
     commands = (out / "commands.txt").read_text()
-    for stage in ("open_clip_train.main", "open_clip_po.data.gender --csv", "--po-linear-head",
+    assert "-m open_clip_po.main --model po-small --train-data" in commands   # the seeded pre-training
+    for stage in ("open_clip_po.data.gender --csv", "--po-linear-head",
                   "open_clip_po.svd_scale", "open_clip_po.eval gender"):
         assert stage in commands, stage
     assert "--po-beta 1 --po-reg-lambda 1" in commands

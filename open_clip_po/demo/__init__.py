@@ -8,9 +8,9 @@ The typographic demo, in which preference optimisation removes a typographic vul
 
 1. builds a world of coloured shapes named by single words, where many images also show their name written on
    them and some show only the word (so a CLIP trained on it learns to read);
-2. pre-trains ``po-small`` on its captions with open_clip's own trainer (``open_clip_train.main``), from WebDataset
-   shards written with ``open_clip_po.data.shards``, and measures how readily it is fooled by a wrong class name
-   written on an image;
+2. pre-trains ``po-small`` on its captions with open_clip's own trainer (``open_clip_train.main``, launched as
+   ``python -m open_clip_po.main`` so that its shuffles follow ``--seed``), from WebDataset shards written with
+   ``open_clip_po.data.shards``, and measures how readily it is fooled by a wrong class name written on an image;
 3. writes typographic triplet shards with ``open_clip_po.data.typographic`` and fine-tunes with DPO, IPO, KTO and
    the CE baseline, with and without the linear head, through ``torchrun -m open_clip_po.main`` (2 processes);
 4. evaluates with ``open_clip_po.eval`` (clean / attacked accuracy, written-class rate, KL to the reference, the

@@ -28,11 +28,12 @@ def shard_spec(folder: Path, prefix: str) -> str:
 
 
 def pretrain_argv(cfg, name: str, epochs: int, shards: Path, logs: Path, start: Path | None) -> list[str]:
-    """open_clip's own trainer on caption shards, run ``logs/pretrain-NAME`` (the package's model configs are
-    registered by importing open_clip_po; the sample count comes from the shards' ``sizes.json``, as open_clip
-    reads it). ``cfg`` gives model, seed and the ``pretrain_*`` settings."""
-    boot = "import sys, open_clip_po; from open_clip_train.main import main; main(sys.argv[1:])"
-    return [sys.executable, "-c", boot,
+    """open_clip's own CLIP training on caption shards, run ``logs/pretrain-NAME``, launched as
+    ``python -m open_clip_po.main`` with no ``--po-*`` flag: that is ``open_clip_train.main`` unchanged except that
+    every shuffle of its WebDataset pipeline is seeded from ``--seed``, so two runs give the same model (open_clip
+    alone seeds its sample shuffle from the clock). The sample count comes from the shards' ``sizes.json``, as
+    open_clip reads it. ``cfg`` gives model, seed and the ``pretrain_*`` settings."""
+    return [sys.executable, "-m", "open_clip_po.main",
             "--model", cfg.model, "--train-data", shard_spec(shards, shards.name), "--dataset-type", "webdataset",
             "--batch-size", str(cfg.pretrain_batch_size), "--epochs", str(epochs),
             "--lr", str(cfg.pretrain_lr), "--wd", "0.1", "--warmup", str(cfg.pretrain_warmup),

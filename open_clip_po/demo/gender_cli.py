@@ -5,8 +5,9 @@
 1. builds a world of people doing activities: men (short hair, trousers) and women (long hair, a dress) doing one of
    six activities shown by drawn objects, on varied backgrounds, captioned "The man/woman is <activity>" with the
    activities unevenly split between genders (as web data is);
-2. pre-trains ``po-small`` on it with open_clip's own trainer (``open_clip_train.main``), so it reads gender and is
-   biased in retrieval;
+2. pre-trains ``po-small`` on it with open_clip's own trainer (``open_clip_train.main``, launched as
+   ``python -m open_clip_po.main`` so that its shuffles follow ``--seed``), so it reads gender and is biased in
+   retrieval;
 3. writes a CSV of the training images (image, gender, activity) and runs ``python -m open_clip_po.data.gender`` on
    it (y_w = the flipped-gender caption, y_l = the original, D_reg = "The person is <activity>");
 4. trains a linear head with DPO, IPO and KTO at the paper's β = λ = 1 through
