@@ -75,6 +75,7 @@ def cached_reference(cache: Path) -> list[str]:
     """The flags of a fine-tune that reads the reference's features from ``cache``."""
     return [*EXACT_AUG, "--po-ref-cache", str(cache)]
 
+
 def typographic_data(shards: Path) -> list[str]:
     """Typographic triplets and clean D_reg pairs, candidates = one prompt per class."""
     return ["--train-data", shard_spec(shards, "pref"), "--po-reg-data", shard_spec(shards, "reg"),
