@@ -186,14 +186,11 @@ def _under_autocast(step, precision: str):
     return wrapped
 
 
-# Why the online reference is slow under CPU bf16 autocast (found with torch.profiler): in no-grad mode torch's
-# matmul does not fold the attention's transposed (L, N, E) input into a matrix; it expands the in-projection
-# weight to L copies instead (aten::copy_ of [L, E, 3E] per layer). The policy needs grad and folds.
+# Found with torch.profiler; the measured effect of torch's switch is in docs/training.md.
 BF16_REFERENCE_NOTE = ("the online reference's no-grad forward under bf16 autocast copies each attention "
                        "in-projection weight once per token position (torch's matmul does not fold the transposed "
                        "input without grad; profiled: aten::copy_ ≈ a third of the PO step); "
-                       "TORCH_LINEAR_FLATTEN_3D=1 avoids it (1.63× in a run of 3), --po-ref-cache runs no "
-                       "reference (docs/training.md)")
+                       "TORCH_LINEAR_FLATTEN_3D=1 avoids it, --po-ref-cache runs no reference (docs/training.md)")
 
 
 def amp_bf16_row(model_name: str, repeats: int) -> dict:
