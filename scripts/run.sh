@@ -24,6 +24,7 @@ what="${1:-}"
 shift || true
 case "$what" in
     demo) exec python -m open_clip_po.demo "$@" ;;
-    test) exec python -m pytest "$@" ;;
+    # Two pytest-xdist workers by default (PO_TEST_WORKERS=0: one process); worksteal evens out the long tests.
+    test) exec python -m pytest -n "${PO_TEST_WORKERS:-2}" --dist worksteal "$@" ;;
     *) echo "usage: bash scripts/run.sh {demo|test} [ARGS...]" >&2; exit 2 ;;
 esac

@@ -3,7 +3,7 @@ open_clip_po.main``, ``open_clip_po.svd_scale`` and ``open_clip_po.eval``. Each 
 argv lists omit ``python -m open_clip_po.eval``, which ``Runner.eval`` runs in-process)."""
 from __future__ import annotations
 
-import os
+import socket
 import sys
 from pathlib import Path
 
@@ -42,12 +42,19 @@ def pretrain_argv(cfg, name: str, epochs: int, shards: Path, logs: Path, start: 
             ] + ([] if start is None else ["--pretrained", str(start)])
 
 
+def free_port() -> int:
+    """A port free on this host now, for torchrun's rendezvous: demos running side by side must not meet."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def finetune_argv(cfg, method: Method, pretrained: Path, data: list[str], logs: Path, run_name: str
                   ) -> list[str]:
     """``torchrun --nproc_per_node=N -m open_clip_po.main`` (gloo on CPU) on the ``data`` flags, with the method's
     objective and flags. ``cfg`` gives model, seed and the ``po_*`` settings."""
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.po_procs}",
-                "--master_port", str(29500 + (os.getpid() + hash(run_name)) % 2000)]
+                "--master_port", str(free_port())]
     argv = launcher + [
         "-m", "open_clip_po.main", "--po-loss", method.loss, "--model", cfg.model, "--pretrained", str(pretrained),
         *data, "--batch-size", str(cfg.po_batch_size), "--epochs", str(cfg.po_epochs), "--seed", str(cfg.seed),
