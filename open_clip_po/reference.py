@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention_layout import contiguous_attention_under_autocast
 from .head import get_linear_head
 from .unwrap import unwrap
 
@@ -103,6 +104,8 @@ class FrozenCopyReference:
 
     def __init__(self, model: nn.Module, text_cache_size: int = 8192):
         self.model = freeze(model)
+        # under autocast, run the policy's GEMMs, not an L-fold weight expansion (see attention_layout)
+        contiguous_attention_under_autocast(self.model)
         self.text_cache = TextFeatureCache(text_cache_size)
 
     @torch.no_grad()

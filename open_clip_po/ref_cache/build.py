@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..atomic import write_text
+from ..attention_layout import contiguous_attention_under_autocast
 from ..checkpoint import atomic_save
 from .store import (FORMAT, MANIFEST, PROMPTS_FILE, SHARDS_DIR, CacheError, _load, existing, run_signature,
                     shard_entry)
@@ -58,6 +59,8 @@ class Encoder:
         from open_clip_train.precision import get_autocast
 
         self.model, self.device = model.eval().requires_grad_(False), device
+        # the online reference's attention layout under autocast, so both give the same features
+        contiguous_attention_under_autocast(self.model)
         self.autocast = get_autocast(precision, device_type=device.type)
         from open_clip import get_input_dtype
 
