@@ -187,10 +187,8 @@ def _under_autocast(step, precision: str):
 
 
 # Found with torch.profiler; the measured effect of torch's switch is in docs/training.md.
-BF16_REFERENCE_NOTE = ("the online reference's no-grad forward under bf16 autocast copies each attention "
-                       "in-projection weight once per token position (torch's matmul does not fold the transposed "
-                       "input without grad; profiled: aten::copy_ ≈ a third of the PO step); "
-                       "TORCH_LINEAR_FLATTEN_3D=1 avoids it, --po-ref-cache runs no reference (docs/training.md)")
+BF16_REFERENCE_NOTE = ("the online reference's attention runs the policy's GEMMs under autocast "
+                       "(open_clip_po/attention_layout.py; docs/training.md)")
 
 
 def amp_bf16_row(model_name: str, repeats: int) -> dict:
