@@ -6,8 +6,9 @@ in-projection. With grad on (the policy), torch's ``matmul`` copies that view on
 the in-projection weight to L copies and runs a batched GEMM instead — a transient of L·3E·E elements per layer
 (1.6 GB in bf16 for ViT-L/14) and, on CPU, a third of a ViT-B-32 PO step. :func:`contiguous_attention_under_autocast`
 makes a frozen model's self-attention make that copy itself under autocast, so it runs the policy's GEMM: the same
-rounding as the policy at θ = θ_ref, at the policy's cost. Without autocast nothing changes (torch's fast path for
-inference stays available).
+rounding as the policy at θ = θ_ref, at the policy's cost. It serves every frozen pass: the online reference, the
+reference-cache builder and linear-head mode's backbone. Without autocast, or with grad, nothing changes (torch's
+fast path for inference stays available).
 
 It rebinds ``forward`` on the model's own attention instances; their parameters and ``state_dict`` keys stay as
 they are, and open_clip's classes are not touched.

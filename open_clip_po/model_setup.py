@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from .attention_layout import contiguous_attention_under_autocast
 from .checkpoint import CheckpointError, load_checkpoint
 from .cli import UsageError
 from .head import attach_linear_head, has_linear_head
@@ -88,6 +89,8 @@ class ModelSetup:
             return CachedReference(_load_cache(args, preprocess_train))
         if args.po_linear_head:
             model.requires_grad_(False)
+            # the frozen backbone's passes run without grad: under autocast, give them the policy's GEMM layout
+            contiguous_attention_under_autocast(model)
             attach_linear_head(model).requires_grad_(True)
             return make_reference(is_base_of_head=True)
         if args.po_ref_model or args.po_ref_pretrained:

@@ -68,3 +68,28 @@ def test_without_autocast_nothing_changes(tiny_model, inputs):
     attns = [m for m in rebound.modules() if isinstance(m, torch.nn.MultiheadAttention)]
     assert attns and all(m.batch_first for m in attns)  # the layout switch is undone after each call
     assert list(rebound.state_dict()) == list(plain.state_dict())
+
+
+def test_linear_head_mode_gives_the_frozen_backbone_the_same_layout(inputs):
+    """In linear-head mode the reference is the policy's own backbone, run without grad: as the run builds it, its
+    attention takes the contiguous path under autocast (no expanded-weight GEMM), for the same features."""
+    from types import SimpleNamespace
+
+    import open_clip
+
+    from open_clip_po.model_setup import ModelSetup
+
+    args = SimpleNamespace(po_ref_cache=None, po_linear_head=True)
+    setup = ModelSetup(lambda: args, open_clip.create_model_and_transforms)
+    torch.manual_seed(0)
+    model = setup.create_model_and_transforms("po-tiny", output_dict=True)[0].eval()
+    plain = copy.deepcopy(model)
+    for m in plain.modules():
+        m.__dict__.pop("forward", None)  # the head's own wrappers live on encode_*, not on forward
+    with OpCounter() as counter, torch.autocast("cpu", dtype=torch.bfloat16):
+        policy, reference = setup.reference.step_features(model, *inputs)
+    assert counter.counts.get(torch.ops.aten.bmm.default, 0) == 0
+    with OpCounter() as counter, torch.autocast("cpu", dtype=torch.bfloat16):
+        plain_policy, _ = setup.reference.step_features(plain, *inputs)
+    assert counter.counts.get(torch.ops.aten.bmm.default, 0) > 0  # the unrebound backbone expands the weight
+    torch.testing.assert_close(policy.image, plain_policy.image)  # the same features, up to bf16 rounding
