@@ -1,4 +1,4 @@
-"""Timing shared by the benchmarks."""
+"""Timing and FLOP counting shared by the benchmarks."""
 import statistics
 import time
 
@@ -12,3 +12,21 @@ def median_seconds(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_medians(a, b, repeats: int) -> tuple[float, float]:
+    """Median times of ``a()`` and ``b()``, alternated so that load from elsewhere on the machine hits both alike."""
+    ta, tb = [], []
+    for _ in range(repeats):
+        ta.append(median_seconds(a, 1))
+        tb.append(median_seconds(b, 1))
+    return statistics.median(ta), statistics.median(tb)
+
+
+def count_flops(fn) -> int:
+    """FLOPs of one ``fn()`` call, counted by ``torch.utils.flop_counter.FlopCounterMode`` (not timed)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()

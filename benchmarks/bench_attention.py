@@ -9,8 +9,8 @@ loses.
 from __future__ import annotations
 
 import copy
-import statistics
-import time
+
+from _timing import count_flops, interleaved_medians
 
 MODEL, BATCH, CAPTIONS = "ViT-B-32", 8, 16  # a real architecture (random weights, nothing downloaded)
 QUICK_MODEL = "po-tiny"
@@ -50,16 +50,9 @@ def run(quick: bool = False) -> list[dict]:
     images = torch.randn(BATCH, 3, size, size)
     texts = torch.randint(1, plain.vocab_size - 1, (CAPTIONS, plain.context_length))
     a, b = _forward(plain, images, texts), _forward(laid_out, images, texts)
-    a(), b()  # warm-up
-    ta, tb = [], []
-    for _ in range(repeats):  # interleaved, so load from elsewhere hits both alike
-        for fn, times in ((a, ta), (b, tb)):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    t_plain, t_laid = statistics.median(ta), statistics.median(tb)
+    t_plain, t_laid = interleaved_medians(a, b, repeats)
     ratio = t_laid / t_plain
-    flop_ratio = _flops(b) / _flops(a)
+    flop_ratio = count_flops(b) / count_flops(a)
     return [{"name": "frozen forward under bf16 autocast, attention laid out / plain open_clip", "value": ratio,
              "unit": "×", "goal": "≤ 1.0", "met": ratio <= 1.0,
              "details": f"FLOP ratio {flop_ratio:.2f} (the limit: the same arithmetic); {model_name}, {BATCH} images "

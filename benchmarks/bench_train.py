@@ -22,7 +22,7 @@ import statistics
 import subprocess
 import sys
 
-from _timing import median_seconds
+from _timing import count_flops, interleaved_medians
 
 MODEL, BATCH = "ViT-B-32", 8  # a real architecture (random weights, nothing downloaded)
 QUICK_MODEL = "po-tiny"
@@ -105,15 +105,6 @@ def _setup(mode: str, batch: int = BATCH, model_name: str = MODEL, class_caption
     return po_step, (frozen_forward if mode == "head" else clip_step)
 
 
-def _interleaved(a, b, repeats):
-    """Alternate the two so that load from elsewhere on the machine hits both alike."""
-    ta, tb = [], []
-    for _ in range(repeats):
-        ta.append(median_seconds(a, 1))
-        tb.append(median_seconds(b, 1))
-    return statistics.median(ta), statistics.median(tb)
-
-
 def _peak_rss_rise(which: str, steps: int, model_name: str, cached: bool = False) -> float:
     """MB by which the steps raise resident memory above what set-up left: the peak during the steps (VmHWM,
     reset after set-up through /proc/self/clear_refs) minus the RSS they start from. A peak over the process's
@@ -138,14 +129,6 @@ print((status("VmHWM") - base) / 1024)
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def _flops(fn) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
 def _step_rows(model_name: str, repeats: int) -> list[dict]:
     rows = []
     goals = {("full", False): (1.35, None), ("lock_text", False): (1.25, None), ("head", False): (1.10, None),
@@ -157,8 +140,8 @@ def _step_rows(model_name: str, repeats: int) -> list[dict]:
         [("full", 0, True), ("lock_text", 0, True)]
     for mode, classes, cached in cases:
         po, base = _setup(mode, model_name=model_name, class_captions=classes, cached=cached)
-        flop_ratio = _flops(po) / _flops(base)
-        t_po, t_base = _interleaved(po, base, repeats)
+        flop_ratio = count_flops(po) / count_flops(base)
+        t_po, t_base = interleaved_medians(po, base, repeats)
         ratio = t_po / t_base
         goal, flop_goal = goals.get((mode, cached), goals[(mode, False)])
         captions = f"{classes}-class template captions" if classes else "all captions distinct"
@@ -194,7 +177,7 @@ BF16_REFERENCE_NOTE = ("the online reference's attention runs the policy's GEMMs
 def amp_bf16_row(model_name: str, repeats: int) -> dict:
     """PO / CLIP step ratio, full fine-tune, distinct captions, both under ``--precision amp_bf16`` autocast."""
     po, clip = _setup("full", model_name=model_name)
-    t_po, t_clip = _interleaved(_under_autocast(po, "amp_bf16"), _under_autocast(clip, "amp_bf16"), repeats)
+    t_po, t_clip = interleaved_medians(_under_autocast(po, "amp_bf16"), _under_autocast(clip, "amp_bf16"), repeats)
     ratio = t_po / t_clip
     return {"name": "PO step / CLIP step, full fine-tune, amp_bf16 (all captions distinct)", "value": ratio,
             "unit": "×", "goal": "≤ 1.35", "met": ratio <= 1.35,
