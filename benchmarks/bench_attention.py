@@ -26,14 +26,6 @@ def _forward(model, images, texts):
     return run
 
 
-def _flops(fn) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
 def run(quick: bool = False) -> list[dict]:
     import torch
 

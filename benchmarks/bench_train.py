@@ -169,7 +169,6 @@ def _under_autocast(step, precision: str):
     return wrapped
 
 
-# Found with torch.profiler; the measured effect of torch's switch is in docs/training.md.
 BF16_REFERENCE_NOTE = ("the online reference's attention runs the policy's GEMMs under autocast "
                        "(open_clip_po/attention_layout.py; docs/training.md)")
 

@@ -86,8 +86,11 @@ class TextFeatureCache:
 
 
 def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode, no gradients, and under autocast the policy's GEMM layout for its attention (see
+    attention_layout): what every frozen model that stands for π_ref needs."""
     model.eval()
     model.requires_grad_(False)
+    contiguous_attention_under_autocast(model)
     return model
 
 
@@ -104,8 +107,6 @@ class FrozenCopyReference:
 
     def __init__(self, model: nn.Module, text_cache_size: int = 8192):
         self.model = freeze(model)
-        # under autocast, run the policy's GEMMs, not an L-fold weight expansion (see attention_layout)
-        contiguous_attention_under_autocast(self.model)
         self.text_cache = TextFeatureCache(text_cache_size)
 
     @torch.no_grad()

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..atomic import write_text
-from ..attention_layout import contiguous_attention_under_autocast
 from ..checkpoint import atomic_save
+from ..reference import freeze
 from .store import (FORMAT, MANIFEST, PROMPTS_FILE, SHARDS_DIR, CacheError, _load, existing, run_signature,
                     shard_entry)
 
@@ -58,9 +58,7 @@ class Encoder:
     def __init__(self, model, precision, device):
         from open_clip_train.precision import get_autocast
 
-        self.model, self.device = model.eval().requires_grad_(False), device
-        # the online reference's attention layout under autocast, so both give the same features
-        contiguous_attention_under_autocast(self.model)
+        self.model, self.device = freeze(model), device  # as the online reference is, so both give the same features
         self.autocast = get_autocast(precision, device_type=device.type)
         from open_clip import get_input_dtype
 
