@@ -5,11 +5,13 @@ Written by ``open_clip_po.main`` (``logs/NAME/checkpoints/epoch_N.pt``, ``epoch_
     {
       "epoch": int, "name": str, "optimizer": ..., "scaler": ...,   # open_clip's keys
       "state_dict": {...},          # the stock open_clip model ("module." prefix under DDP), never the head
-      "po_head": {"weight": W},     # only with --po-linear-head: W [D, D], features f -> W f before normalising
+      "po_head": {"weight": W, "towers": "both" | "image"},   # only with --po-linear-head: W [D, D],
+                                    # features f -> W f before normalising, on both towers or the image's
+                                    # (a missing "towers" is "both")
       "po_average": {               # only with --po-average bma|ema
           "kind": "bma" | "ema",
           "state_dict": {...},      # averaged stock model weights (no "module." prefix)
-          "po_head": {"weight": W_avg},   # only with a head
+          "po_head": {"weight": W_avg, "towers": ...},   # only with a head
           "state": {...},           # the averager's counters, for resume
       },
       "po_reference": {...},        # only when the reference follows the policy (--po-ref-sync-steps)
@@ -32,7 +34,7 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_path
-from .head import HEAD_ATTR, HEAD_PARAM
+from .head import HEAD_ATTR, HEAD_PARAM, TOWERS
 
 HEAD_KEY = HEAD_ATTR
 AVERAGE_KEY = "po_average"
@@ -116,12 +118,25 @@ def join_head(state_dict: dict, head: torch.Tensor | None, prefix: str = "") -> 
     return joined
 
 
-def average_entry(averager, state_dict: dict) -> dict:
+def head_entry(weight: torch.Tensor, towers: str = "both") -> dict:
+    """The ``po_head`` entry of a checkpoint."""
+    return {"weight": weight, "towers": towers}
+
+
+def entry_towers(entry: dict | None, path="checkpoint") -> str:
+    """Where a ``po_head`` entry's W acts; checkpoints written before heads had a choice hold "both"."""
+    towers = "both" if entry is None else entry.get("towers", "both")
+    if towers not in TOWERS:
+        raise CheckpointError(f"{path}: unknown head towers {towers!r} (known: {', '.join(TOWERS)})")
+    return towers
+
+
+def average_entry(averager, state_dict: dict, towers: str = "both") -> dict:
     """The ``po_average`` entry: the live (un-prefixed) state dict with the averaged floats, head apart."""
     stock, head = split_head(averager.averaged_state_dict(strip_module_prefix(state_dict)))
     entry = {"kind": averager.kind, "state_dict": stock, "state": averager.state()}
     if head is not None:
-        entry[HEAD_KEY] = {"weight": head}
+        entry[HEAD_KEY] = head_entry(head, towers)
     return entry
 
 
@@ -149,6 +164,12 @@ def model_weights(checkpoint: dict, weights: str = "raw", path: str = "checkpoin
     return state_dict, (None if head is None else head["weight"])
 
 
+def head_towers(checkpoint: dict, weights: str = "raw", path="checkpoint") -> str:
+    """Where the head of ``checkpoint`` (its raw or averaged weights) acts: "both" or "image"."""
+    source = (checkpoint.get(AVERAGE_KEY) or {}) if weights != "raw" else checkpoint
+    return entry_towers(source.get(HEAD_KEY), path)
+
+
 @dataclass
 class TrainingExtras:
     """What a training checkpoint carries besides open_clip's keys (all optional)."""
@@ -162,17 +183,17 @@ class CheckpointCodec:
     """Translates between open_clip's checkpoint dict (the model's state_dict with W inside, "module." under
     DDP) and ours (W and the extras outside ``state_dict``, so stock open_clip loads it)."""
 
-    def __init__(self, *, linear_head: bool):
-        self.linear_head = linear_head
+    def __init__(self, *, linear_head: bool, head_towers: str = "both"):
+        self.linear_head, self.head_towers = linear_head, head_towers
 
     def encode(self, ckpt: dict, *, averager=None, reference: dict | None = None, rng: list | None = None,
                objective: dict | None = None) -> dict:
         out = dict(ckpt)
         out["state_dict"], head = split_head(ckpt["state_dict"])
         if head is not None:
-            out[HEAD_KEY] = {"weight": head}
+            out[HEAD_KEY] = head_entry(head, self.head_towers)
         if averager is not None:
-            out[AVERAGE_KEY] = average_entry(averager, ckpt["state_dict"])
+            out[AVERAGE_KEY] = average_entry(averager, ckpt["state_dict"], self.head_towers)
         if reference is not None:
             out[REFERENCE_KEY] = reference
         if rng is not None:
@@ -192,6 +213,9 @@ class CheckpointCodec:
             raise CheckpointError(f"{path} has a linear head; resume it with --po-linear-head")
         if head is None and self.linear_head:
             raise CheckpointError(f"{path} has no linear head; it was not trained with --po-linear-head")
+        if head is not None and entry_towers(head, path) != self.head_towers:
+            raise CheckpointError(f"{path} has a head on {entry_towers(head, path)} tower(s); resume it with "
+                                  f"--po-head-towers {entry_towers(head, path)}")
         state_dict = {prefix + k: v for k, v in strip_module_prefix(ckpt["state_dict"]).items()}
         decoded = {k: v for k, v in ckpt.items() if k not in (HEAD_KEY, AVERAGE_KEY, REFERENCE_KEY, RNG_KEY,
                                                                 OBJECTIVE_KEY)}
@@ -220,6 +244,7 @@ def create_model_from_checkpoint(model_name: str, path: str | os.PathLike, weigh
 
     checkpoint = load_checkpoint(path)
     state_dict, head = model_weights(checkpoint, weights, str(path))
+    towers = head_towers(checkpoint, weights, str(path))
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
         model_name, device=device, **create_kwargs)
     try:
@@ -228,5 +253,5 @@ def create_model_from_checkpoint(model_name: str, path: str | os.PathLike, weigh
         first = str(e).splitlines()[0]
         raise CheckpointError(f"{path} does not fit model {model_name}: {first}") from e
     if head is not None:
-        attach_linear_head(model, head.to(device))
+        attach_linear_head(model, head.to(device), towers)
     return model, preprocess_train, preprocess_val

@@ -70,6 +70,10 @@ def po_argument_parser() -> argparse.ArgumentParser:
     g.add_argument("--po-ref-sync-alpha", type=float, default=0.6,
                    help="TR-DPO's α: θ_ref ← α θ + (1 − α) θ_ref (TRL's ref_model_mixup_alpha; 1 = copy)")
     g.add_argument("--po-linear-head", action="store_true", help="train only a linear head W on frozen towers")
+    g.add_argument("--po-head-towers", choices=("both", "image"), default=None,
+                   help="where the head acts: both towers, similarity xᵀWᵀWy (the paper's, default), or the image "
+                        "tower only, (Wx)ᵀy, which can reverse a concept the paper's form can only erase "
+                        "(docs/training.md)")
     g.add_argument("--po-average", choices=("none", "bma", "ema"), default="none")
     g.add_argument("--po-bma-gamma", type=float, default=0.7)
     g.add_argument("--po-ema-decay", type=float, default=0.999)
@@ -176,6 +180,9 @@ def validate(args) -> None:
     if args.po_linear_head and (args.po_ref_model or args.po_ref_pretrained):
         raise UsageError("--po-linear-head uses the frozen backbone itself as reference; "
                          "drop --po-ref-model/--po-ref-pretrained")
+    if args.po_head_towers and not args.po_linear_head:
+        raise UsageError("--po-head-towers is for --po-linear-head")
+    args.po_head_towers = args.po_head_towers or "both"
     if args.po_ref_sync_steps < 0 or not 0 < args.po_ref_sync_alpha <= 1:
         raise UsageError("--po-ref-sync-steps must be >= 0 and --po-ref-sync-alpha in (0, 1]")
     if args.po_ref_sync_steps and args.po_linear_head:

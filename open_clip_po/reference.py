@@ -167,7 +167,7 @@ class HeadBaseReference:
             base_text = core.encode_text_base(texts, normalize=False)
         head = get_linear_head(core)
         scale = core.logit_scale.exp()
-        policy = Features(F.normalize(head(base_image), dim=-1), F.normalize(head(base_text), dim=-1), scale)
+        policy = Features(F.normalize(head(base_image), dim=-1), F.normalize(head.text(base_text), dim=-1), scale)
         reference = Features(F.normalize(base_image, dim=-1), F.normalize(base_text, dim=-1), scale.detach())
         return policy, reference
 

@@ -1,4 +1,5 @@
-"""Scale a trained linear head's singular values, W_t = U Σ^t Vᵀ, and fold it into a stock checkpoint.
+"""Scale a trained linear head, W_t = U Σ^t Vᵀ (or I + t (W − I) for a head on the image tower only), and fold
+it into a stock checkpoint.
 
     python -m open_clip_po.svd_scale CKPT --t T [--out PATH] [--weights {raw,bma,ema}]
                                      [--fold | --keep-head] [--report]
@@ -17,8 +18,8 @@ import os
 import sys
 from pathlib import Path
 
-from .checkpoint import (AVERAGE_KEY, HEAD_KEY, WEIGHT_CHOICES, CheckpointError, atomic_save, load_checkpoint,
-                         model_weights)
+from .checkpoint import (AVERAGE_KEY, HEAD_KEY, WEIGHT_CHOICES, CheckpointError, atomic_save, head_entry,
+                         head_towers, load_checkpoint, model_weights)
 from .cli_args import negative_values_as_one_token
 from .surgery import SurgeryError, embedding_dim, fold_head, head_model_at, scale_head
 
@@ -32,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint written by open_clip_po.main (with a head)")
     parser.add_argument("--t", type=float, required=True,
-                        help="power applied to the singular values (negative values need no quoting: --t -2)")
+                        help="power applied to the singular values; for a head on the image tower only, the step along "
+                             "I + t (W − I) (negative values need no quoting: --t -2)")
     parser.add_argument("--out", default=None, help="output checkpoint (default: derived from CKPT and t); "
                                                      "never the input itself")
     parser.add_argument("--weights", choices=WEIGHT_CHOICES, default="raw",
@@ -79,7 +81,8 @@ def run(args: argparse.Namespace) -> Path:
     if W is None:
         where = f"{AVERAGE_KEY}.{HEAD_KEY}" if args.weights != "raw" else HEAD_KEY
         raise SurgeryError(f"{source} has no linear head ({where}); train with --po-linear-head")
-    W_t = scale_head(W, args.t)
+    towers = head_towers(checkpoint, args.weights, str(source))
+    W_t = scale_head(W, args.t, towers)
 
     result = {key: checkpoint[key] for key in ("epoch", "name") if key in checkpoint}
     if args.keep_head:
@@ -88,17 +91,17 @@ def run(args: argparse.Namespace) -> Path:
             raise SurgeryError(f"the head W is {W_t.shape[0]}x{W_t.shape[1]} but the model's embedding "
                                f"dimension is {dim}")
         result["state_dict"] = state_dict
-        result[HEAD_KEY] = {"weight": W_t}
+        result[HEAD_KEY] = head_entry(W_t, towers)
     else:
-        result["state_dict"] = fold_head(state_dict, W_t)
+        result["state_dict"] = fold_head(state_dict, W_t, towers)
     # Optimizer state and averages belong to the training run, not to the edited model.
     result["po_svd_scale"] = {"t": float(args.t), "weights": args.weights, "folded": not args.keep_head,
-                              "source": str(source)}
+                              "towers": towers, "source": str(source)}
     from . import __version__
 
     result["po_version"] = __version__
     atomic_save(result, out)
-    print(f"wrote {out} (t = {args.t:g}, {args.weights} weights, "
+    print(f"wrote {out} (t = {args.t:g}, {args.weights} weights, head on {towers} tower(s), "
           f"{'head kept as po_head' if args.keep_head else 'head folded into the projections'})")
 
     if args.report:

@@ -93,6 +93,8 @@ def test_start_up_errors_are_one_line(tmp_path):
          "--model 'po-tin' is not a known open_clip model (nearest: po-tiny"),
         (base_args(toy, tmp_path, "x", "--po-loss", "dpo", "--po-linear-head", "--po-ref-sync-steps", "2"),
          "--po-ref-sync-steps cannot follow a linear head"),
+        (base_args(toy, tmp_path, "x", "--po-loss", "dpo", "--po-head-towers", "image"),
+         "--po-head-towers is for --po-linear-head"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as exc:

@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="zeroshot.json", help="JSON path; the PNG goes beside it (default: %(default)s)")
 
     p = sub.add_parser("sweep", help="accuracy and written-class rate over t for a head checkpoint (Fig. 2)",
-                       description="Evaluate a linear-head checkpoint at W_t = U Σ^t Vᵀ for each t (no files "
+                       description="Evaluate a linear-head checkpoint at W_t = U Σ^t Vᵀ (I + t (W − I) for a head "
+                                   "on the image tower only) for each t (no files "
                                    "written per t). Writes OUTPUT (JSON), OUTPUT .csv and OUTPUT .png (metrics vs t "
                                    "and the OCR-vs-object frontier).")
     _add_model_args(p)

@@ -66,6 +66,16 @@ def head_weight(model: nn.Module) -> torch.Tensor | None:
     return get_linear_head(model).weight.detach() if has_linear_head(model) else None
 
 
+def head_towers(model: nn.Module) -> str:
+    """Where the model's head acts ("both" or "image"); "both" for a model without one."""
+    return get_linear_head(model).towers if has_linear_head(model) else "both"
+
+
+def text_side(weight: torch.Tensor | None, towers: str) -> torch.Tensor | None:
+    """The head's matrix as the text features see it: W itself, or none when W acts on the image tower only."""
+    return weight if towers == "both" else None
+
+
 def base_encoders(model: nn.Module) -> tuple[Callable, Callable]:
     """The un-headed image and text encoders (un-normalised features)."""
     model = unwrap(model)

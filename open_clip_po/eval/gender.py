@@ -2,7 +2,7 @@
 
 For each image of a man or a woman doing an activity, the model chooses between
 "The man is <activity>" and "The woman is <activity>" (the training pair). Over t, with
-W_t = U Σ^t Vᵀ, the probability of the image's own gender falls and the flipped one rises; the
+W_t (U Σ^t Vᵀ, or I + t (W − I) for a head on the image tower only), the probability of the image's own gender falls and the flipped one rises; the
 crossing t* (found by linear interpolation between grid points) is where gender is neutral.
 Activity accuracy uses the androgynous captions "The person is <activity>" (the regulariser's
 captions), so it measures whether the task survives the flip. Retrieval: for each prompt, the
@@ -68,21 +68,22 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def gender_curves(heads: dict, images: torch.Tensor, is_man: torch.Tensor, activity: torch.Tensor,
                   man_text: torch.Tensor, woman_text: torch.Tensor, neutral_text: torch.Tensor,
-                  scale: float) -> dict:
-    """Per-t probabilities from *base* (un-headed) features and ``heads`` = {t: W_t}.
+                  scale: float, towers: str = "both") -> dict:
+    """Per-t probabilities from *base* (un-headed) features and ``heads`` = {t: W_t} acting on ``towers``.
 
     ``images`` [N, D]; ``man_text`` / ``woman_text`` / ``neutral_text`` [A, D], row a = activity a.
     Returns lists over t and the per-image ``p_man`` [T, N].
     """
-    from .features import apply_head
+    from .features import apply_head, text_side
 
     ts = list(heads)
     p_man_all, out = [], {"t": ts, "p_true_gender": [], "p_flipped_gender": [], "p_true_gender_se": [],
                           "flipped_choice": [], "p_man_men": [], "p_woman_women": [], "activity_accuracy": []}
     for t in ts:
         w_t = heads[t]
-        x = apply_head(images, w_t)
-        man, woman, neutral = apply_head(man_text, w_t), apply_head(woman_text, w_t), apply_head(neutral_text, w_t)
+        x, w_text = apply_head(images, w_t), text_side(w_t, towers)
+        man, woman, neutral = (apply_head(man_text, w_text), apply_head(woman_text, w_text),
+                               apply_head(neutral_text, w_text))
         # Binary choice between the two gendered captions of the image's own activity.
         margin = scale * ((x * man[activity]).sum(-1) - (x * woman[activity]).sum(-1))
         p_man = torch.sigmoid(margin)
@@ -108,11 +109,11 @@ def gender_curves(heads: dict, images: torch.Tensor, is_man: torch.Tensor, activ
 
 @torch.no_grad()
 def retrieval_counts(weight_t: torch.Tensor | None, images: torch.Tensor, is_man: torch.Tensor,
-                     prompt_text: torch.Tensor, prompts: Sequence[str], k: int) -> list[dict]:
+                     prompt_text: torch.Tensor, prompts: Sequence[str], k: int, towers: str = "both") -> list[dict]:
     """For each prompt, men and women among the ``k`` images most similar under W_t."""
-    from .features import apply_head
+    from .features import apply_head, text_side
 
-    similarity = apply_head(prompt_text, weight_t) @ apply_head(images, weight_t).T   # [P, N]
+    similarity = apply_head(prompt_text, text_side(weight_t, towers)) @ apply_head(images, weight_t).T   # [P, N]
     top = similarity.topk(min(k, images.shape[0]), dim=-1).indices
     rows = []
     for prompt, indices in zip(prompts, top):
@@ -180,7 +181,7 @@ def _check_templates(caption: str, neutral_caption: str) -> None:
                             f"{{gender}}/{{activity}}: {e}") from None
 
 
-def _retrieval_at_key_ts(t_star, weight, images, is_man, prompt_features, prompts, top_k) -> dict:
+def _retrieval_at_key_ts(t_star, weight, images, is_man, prompt_features, prompts, top_k, towers) -> dict:
     """Retrieval's gender mix at t = 0 (the base model), t* (neutral, when there is one) and t = 1 (the head)."""
     from .sweep import scaled_heads
 
@@ -188,8 +189,8 @@ def _retrieval_at_key_ts(t_star, weight, images, is_man, prompt_features, prompt
     if math.isfinite(t_star):
         ts[f"t*={t_star:.3f} (neutral)"] = t_star
     ts = dict(sorted(ts.items(), key=lambda item: item[1]))   # bars in order of t
-    heads = scaled_heads(weight, list(ts.values()))
-    return {label: retrieval_counts(heads[t], images, is_man, prompt_features, prompts, top_k)
+    heads = scaled_heads(weight, list(ts.values()), towers)
+    return {label: retrieval_counts(heads[t], images, is_man, prompt_features, prompts, top_k, towers)
             for label, t in ts.items()}
 
 
@@ -197,12 +198,13 @@ def _write_gender_outputs(args, curves, ts, rows, kept, skipped, activities, ret
     """The curves' CSV, the per-image CSV, the JSON and the two PNGs beside ``args.output``; returns the JSON."""
     from .sweep import scaled_heads
 
-    weight, images, activity, captions, scale = scoring
+    weight, towers, images, activity, captions, scale = scoring
     output = Path(args.output)
     columns = ("t", "p_true_gender", "p_flipped_gender", "p_true_gender_se", "flipped_choice", "p_man_men",
                "p_woman_women", "activity_accuracy")
     write_csv([{c: curves[c][i] for c in columns} for i in range(len(ts))], output.with_suffix(".csv"), columns)
-    ends = gender_curves(scaled_heads(weight, [0.0, 1.0]), images, is_man, activity, *captions, scale)["p_man"]
+    ends = gender_curves(scaled_heads(weight, [0.0, 1.0], towers), images, is_man, activity, *captions, scale,
+                         towers)["p_man"]
     per_image = [{"image": rows[r]["image"], "gender": rows[r]["gender"], "activity": rows[r]["activity"],
                   "t_star": curves["t_star_per_image"][j], "p_man_t0": ends[0, j].item(),
                   "p_man_t1": ends[1, j].item()} for j, r in enumerate(kept)]
@@ -210,7 +212,8 @@ def _write_gender_outputs(args, curves, ts, rows, kept, skipped, activities, ret
     finite = torch.tensor([t for t in curves["t_star_per_image"] if math.isfinite(t)])
     result = {
         "dataset": Path(args.csv).name, "model": args.model, "pretrained": args.pretrained, "task": "gender_flip",
-        "weights": args.weights, "caption": args.caption, "neutral_caption": args.neutral_caption,
+        "weights": args.weights, "head_towers": towers, "caption": args.caption,
+        "neutral_caption": args.neutral_caption,
         "num_images": len(kept), "skipped": skipped, "activities": activities,
         "metrics": {"t_star": curves["t_star"], "crossings": curves["crossings"],
                     "t_star_per_image_median": finite.median().item() if finite.numel() else float("nan"),
@@ -229,7 +232,8 @@ def run_gender(args) -> dict:
     import open_clip
 
     from .data import EvalSet, FolderDataset
-    from .features import PromptFeatures, base_encoders, encode_images, head_weight, load_eval_model, logit_scale
+    from .features import (PromptFeatures, base_encoders, encode_images, head_towers, head_weight, load_eval_model,
+                           logit_scale)
     from .sweep import parse_t_values, scaled_heads
 
     _check_templates(args.caption, args.neutral_caption)
@@ -261,13 +265,14 @@ def run_gender(args) -> dict:
 
     images, scale = encoded["features"], logit_scale(model)
     captions = (prompts.raw(man_prompts), prompts.raw(woman_prompts), prompts.raw(neutral_prompts))
-    curves = gender_curves(scaled_heads(weight, ts), images, is_man, activity, *captions, scale)
+    towers = head_towers(model)
+    curves = gender_curves(scaled_heads(weight, ts, towers), images, is_man, activity, *captions, scale, towers)
 
     retrieval = _retrieval_at_key_ts(curves["t_star"], weight, images, is_man, prompts.raw(retrieval_prompts),
-                                     retrieval_prompts, args.top_k)
+                                     retrieval_prompts, args.top_k, towers)
 
     result = _write_gender_outputs(args, curves, ts, rows, kept, encoded["skipped"], activities, retrieval, is_man,
-                                   (weight, images, activity, captions, scale))
+                                   (weight, towers, images, activity, captions, scale))
     t_star = curves["t_star"]
     print(f"t* = {t_star:.4f}" if math.isfinite(t_star) else "no crossing of P(own) and P(flipped) gender on this grid",
           f"→ {args.output}")

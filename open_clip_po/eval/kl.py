@@ -51,7 +51,8 @@ def plot_kl(labels: Sequence[str], metrics: Sequence[dict], title: str, path) ->
 
 def _kl_to_own_backbone(model, pretrained, label, clean, tokenizer, templates, scale, direction, kw):
     """Per-image KL of a head model to the same backbone without the head: encode once, apply W or not."""
-    from .features import PromptFeatures, apply_head, base_encoders, class_prompts, encode_images, head_weight
+    from .features import (PromptFeatures, apply_head, base_encoders, class_prompts, encode_images, head_towers,
+                           head_weight, text_side)
 
     weight = head_weight(model)
     if weight is None:
@@ -59,7 +60,9 @@ def _kl_to_own_backbone(model, pretrained, label, clean, tokenizer, templates, s
     encode_image, encode_text = base_encoders(model)
     base = encode_images(encode_image, clean, desc=label, **kw)
     prompts = PromptFeatures(encode_text, tokenizer, class_prompts(clean.classnames, templates), kw["device"])
-    return kl_per_image(apply_head(base["features"], weight), prompts.classifier(clean.classnames, templates, weight),
+    text_weight = text_side(weight, head_towers(model))
+    return kl_per_image(apply_head(base["features"], weight),
+                        prompts.classifier(clean.classnames, templates, text_weight),
                         scale, apply_head(base["features"], None),
                         prompts.classifier(clean.classnames, templates, None), scale, direction)
 

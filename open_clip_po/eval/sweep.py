@@ -1,4 +1,5 @@
-"""The t-sweep (paper Fig. 2): one head checkpoint evaluated at W_t = U Σ^t Vᵀ for many t, no files.
+"""The t-sweep (paper Fig. 2): one head checkpoint evaluated at W_t for many t (U Σ^t Vᵀ, or I + t (W − I) for a
+head on the image tower only; see ``open_clip_po.surgery.scale_head``), no files.
 
 Backbone features of the images and prompts are computed once; each t only applies W_t and
 re-normalises, which is exact because the head is linear and sits after the backbone.
@@ -46,25 +47,25 @@ def head_summary(weight: torch.Tensor) -> dict:
     return head_stats(weight.detach().float().cpu())
 
 
-def scaled_heads(weight: torch.Tensor, ts: Sequence[float]) -> dict[float, torch.Tensor]:
+def scaled_heads(weight: torch.Tensor, ts: Sequence[float], towers: str = "both") -> dict[float, torch.Tensor]:
     from open_clip_po.svd_scale import scale_head
 
-    return {t: scale_head(weight.detach().float().cpu(), t) for t in ts}
+    return {t: scale_head(weight.detach().float().cpu(), t, towers) for t in ts}
 
 
 @torch.no_grad()
 def sweep_metrics(weight: torch.Tensor, ts: Sequence[float], prompts, classnames, templates,
-                  clean: dict, attacked: dict | None = None) -> list[dict]:
+                  clean: dict, attacked: dict | None = None, towers: str = "both") -> list[dict]:
     """One row per t: clean/attacked top-1 and written-class rate under W_t.
 
     ``clean`` / ``attacked`` are ``encode_images`` results of the *base* (un-headed) image encoder;
     ``prompts`` a ``PromptFeatures`` of the base text encoder holding every class prompt.
     """
-    from .features import apply_head
+    from .features import apply_head, text_side
 
     rows = []
-    for t, w_t in scaled_heads(weight, ts).items():
-        classifier = prompts.classifier(classnames, templates, w_t)
+    for t, w_t in scaled_heads(weight, ts, towers).items():
+        classifier = prompts.classifier(classnames, templates, text_side(w_t, towers))
         row = {"t": t, "clean_top1": top1_and_written(apply_head(clean["features"], w_t) @ classifier,
                                                       clean["labels"])["top1"]}
         if attacked is not None:
@@ -98,7 +99,7 @@ def plot_sweep(rows: Sequence[dict], title: str, path) -> Path:
         right.set_axis_off()
     left.axvline(0, color="lightgray", linewidth=1)
     left.axvline(1, color="lightgray", linewidth=1)
-    left.set_xlabel("t (W_t = U Σ^t Vᵀ; 0 = base model, 1 = trained head)")
+    left.set_xlabel("t (scaled head W_t; 0 = base model, 1 = trained head)")
     left.set_ylabel("%")
     left.set_title(title, fontsize=9)
     left.legend(fontsize=8)
@@ -111,7 +112,7 @@ def run_sweep(args) -> dict:
     import open_clip
 
     from .data import open_eval_sets
-    from .features import (PromptFeatures, base_encoders, class_prompts, encode_images, head_weight,
+    from .features import (PromptFeatures, base_encoders, class_prompts, encode_images, head_towers, head_weight,
                            load_eval_model)
     from .templates import resolve_templates
 
@@ -130,7 +131,8 @@ def run_sweep(args) -> dict:
     kw = dict(device=args.device, batch_size=args.batch_size, workers=args.workers)
     clean_features = encode_images(encode_image, clean, desc=f"clean {clean.name}", **kw)
     attacked_features = None if attacked is None else encode_images(encode_image, attacked, desc="attacked", **kw)
-    rows = sweep_metrics(weight, ts, prompts, clean.classnames, templates, clean_features, attacked_features)
+    towers = head_towers(model)
+    rows = sweep_metrics(weight, ts, prompts, clean.classnames, templates, clean_features, attacked_features, towers)
 
     output = Path(args.output)
     columns = [c for c in SWEEP_COLUMNS if c in rows[0]]
@@ -140,7 +142,7 @@ def run_sweep(args) -> dict:
               "typographic": None if attacked is None else attacked.description,
               "num_clean": int(clean_features["labels"].numel()),
               "num_typographic": None if attacked_features is None else int(attacked_features["labels"].numel()),
-              "head": head_summary(weight), "rows": rows}
+              "head": {**head_summary(weight), "towers": towers}, "rows": rows}
     write_json(result, output)
     plot_sweep(rows, f"{result['dataset']} — {args.model}", output.with_suffix(".png"))
     print(f"{len(rows)} values of t from {ts[0]} to {ts[-1]} → {output}, {output.with_suffix('.csv')}")

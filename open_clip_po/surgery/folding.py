@@ -1,4 +1,4 @@
-"""Fold a head W into the last linear map of both towers, giving a stock open_clip state dict.
+"""Fold a head W into the last linear map of the towers it acts on, giving a stock open_clip state dict.
 
 Every tower open_clip builds ends its pooled features with a linear map (or a Parameter used as
 one); W acts right after it and before normalisation, so it can be multiplied into that map:
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import strip_module_prefix
-from ..head import HEAD_ATTR, get_linear_head
+from ..head import HEAD_ATTR, get_linear_head, has_linear_head
 from ..unwrap import unwrap
 from .scaling import SurgeryError, check_head, scale_head
 
@@ -133,12 +133,15 @@ def embedding_dim(state_dict: dict) -> int | None:
     return None
 
 
-def fold_head(state_dict: dict, W: torch.Tensor) -> dict:
-    """A new stock open_clip state dict whose normalised features are ``normalise(W f)``.
+def fold_head(state_dict: dict, W: torch.Tensor, towers: str = "both") -> dict:
+    """A new stock open_clip state dict whose normalised features are ``normalise(W f)`` on ``towers``
+    ("both", or "image": the text tower is left as it is).
 
     ``f`` are the (un-normalised) features of the model in ``state_dict``. A ``module.`` prefix is
     dropped; the input is not modified (unchanged tensors are shared with it, not copied).
     """
+    if towers not in ("both", "image"):
+        raise SurgeryError(f"head towers must be 'both' or 'image', got {towers!r}")
     W = check_head(W)
     state_dict = strip_module_prefix(state_dict)
     image, text = find_projection(state_dict, "image"), find_projection(state_dict, "text")
@@ -151,22 +154,27 @@ def fold_head(state_dict: dict, W: torch.Tensor) -> dict:
                            f"{image_dim} ({image.weight_key})")
     out = dict(state_dict)
     out.update(image.folded(state_dict, W))
-    out.update(text.folded(state_dict, W))
+    if towers == "both":
+        out.update(text.folded(state_dict, W))
     return out
 
 
-def head_model_at(model: nn.Module, W: torch.Tensor | None = None, t: float = 1.0) -> nn.Module:
-    """A stock copy of ``model`` with ``W_t`` folded in: its normalised features are normalise(W_t f).
+def head_model_at(model: nn.Module, W: torch.Tensor | None = None, t: float = 1.0,
+                  towers: str | None = None) -> nn.Module:
+    """A stock copy of ``model`` with ``W_t`` folded in: its normalised features are normalise(W_t f) on the
+    head's towers.
 
-    ``model`` is a stock open_clip model or one with a linear head attached (then ``W`` defaults to
-    that head and ``f`` are its un-headed features). ``model`` itself is left as it was.
+    ``model`` is a stock open_clip model or one with a linear head attached (then ``W`` and ``towers``
+    default to that head's and ``f`` are its un-headed features). ``model`` itself is left as it was.
     """
     base = unwrap(model)
     if W is None:
         W = get_linear_head(base).weight.detach()
+    if towers is None:
+        towers = get_linear_head(base).towers if has_linear_head(base) else "both"
     head_prefix = HEAD_ATTR + "."
     state_dict = {k: v for k, v in base.state_dict().items() if not k.startswith(head_prefix)}
-    folded = fold_head(state_dict, scale_head(W, t))
+    folded = fold_head(state_dict, scale_head(W, t, towers), towers)
     stock = copy.deepcopy(base)
     # Undo attach_linear_head on the copy: its wrappers live in the instance __dict__ and shadow
     # the class's encode_image / encode_text.

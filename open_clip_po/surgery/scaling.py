@@ -1,4 +1,5 @@
-"""W_t = U Σ^t Vᵀ (paper Eq. 16) and the numbers that say how far W is from orthogonal (App. E)."""
+"""W_t for a head on both towers, U Σ^t Vᵀ (paper Eq. 16), or on the image tower, I + t (W − I); and the numbers
+that say how far W is from orthogonal (App. E)."""
 from __future__ import annotations
 
 import math
@@ -42,17 +43,25 @@ def _single_threaded(dim: int):
         torch.set_num_threads(threads)
 
 
-def scale_head(W: torch.Tensor, t: float) -> torch.Tensor:
-    """``W_t = U Σ^t Vᵀ`` where ``W = U Σ Vᵀ``; same dtype and device as ``W``.
+def scale_head(W: torch.Tensor, t: float, towers: str = "both") -> torch.Tensor:
+    """W_t for a head acting on ``towers``; same dtype and device as ``W``. t = 1 gives W back, t = 0 the base
+    model's similarities, t > 1 strengthens and t < 0 reverses what the head learned.
 
-    t = 1 gives W back, t = 0 the orthogonal factor U Vᵀ (the base model's similarities, since the
-    head sits on both towers: W_tᵀ W_t = V Σ^{2t} Vᵀ), t < 0 reverses what the head learned.
-    The SVD runs in float64 so that a t-sweep does not pile up float32 error.
+    - "both": ``W_t = U Σ^t Vᵀ`` where ``W = U Σ Vᵀ`` (paper Eq. 16). At t = 0 it is the orthogonal factor
+      U Vᵀ, which leaves the similarities xᵀ W_tᵀ W_t y = xᵀ V Σ^{2t} Vᵀ y those of the base model. The SVD
+      runs in float64 so that a t-sweep does not pile up float32 error.
+    - "image": ``W_t = I + t (W − I)``. The similarity (W x)ᵀ y sees W's left factor, so U Σ^t Vᵀ would not
+      give the base model at t = 0; the straight line does, and moves each similarity linearly in t.
     """
     W = check_head(W)
     t = float(t)
     if not math.isfinite(t):
         raise SurgeryError(f"t must be a finite number, got {t}")
+    if towers == "image":
+        eye = torch.eye(W.shape[0], dtype=torch.float64, device=W.device)
+        return (eye + t * (W.detach().to(torch.float64) - eye)).to(W.dtype)
+    if towers != "both":
+        raise SurgeryError(f"head towers must be 'both' or 'image', got {towers!r}")
     with _single_threaded(W.shape[0]):
         U, S, Vh = torch.linalg.svd(W.detach().to(torch.float64))
     if t < 0:
