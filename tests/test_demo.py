@@ -333,13 +333,27 @@ def test_gender_cli_help_and_bad_input(tmp_path):
     out = subprocess.run([sys.executable, "-m", "open_clip_po.demo", "gender", "--out", str(tmp_path / "d"),
                           "--methods", "dpo,sft"], capture_output=True, text=True)
     assert out.returncode == 2 and "sft" in out.stderr and out.stderr.strip().count("\n") == 0
+    out = subprocess.run([sys.executable, "-m", "open_clip_po.demo", "gender", "--out", str(tmp_path / "d"),
+                          "--methods", "none", "--paper-methods", "none"], capture_output=True, text=True)
+    assert out.returncode == 2 and "no head to train" in out.stderr and out.stderr.strip().count("\n") == 0
+
+
+def test_gender_demo_trains_image_heads_per_objective_and_the_paper_head_for_comparison():
+    from open_clip_po.demo.gender_run import full_gender_config, quick_gender_config
+
+    methods = {m.slug: m for m in full_gender_config().methods}
+    assert set(methods) == {"dpo-image-head", "ipo-image-head", "kto-image-head", "dpo-paper-head"}
+    assert all(m.head for m in methods.values())
+    assert "--po-head-towers" in methods["kto-image-head"].flags
+    assert "--po-head-towers" not in methods["dpo-paper-head"].flags
+    assert [m.slug for m in quick_gender_config().methods] == ["dpo-image-head"]
 
 
 @pytest.mark.slow
 @pytest.mark.integration
 def test_quick_gender_demo_end_to_end(tmp_path):
     """``gender --quick``: people world → open_clip pre-training → gender triplets from the CSV → torchrun DPO
-    head → eval gender over t → svd_scale → report. The head flips the model's reading of gender in the direction
+    head on the image tower → eval gender over t → svd_scale → report. The head flips the model's reading of gender in the direction
     it was trained: the own gender is less likely at t = 1 and more likely at t = -1 than at t = 0."""
     from open_clip_po.demo.gender_report import at_t
     out = tmp_path / "demo"
@@ -354,18 +368,19 @@ def test_quick_gender_demo_end_to_end(tmp_path):
     assert own[1.0] < own[0.0] < own[-1.0], own
     assert len(curves["t"]) == 5 and curves["t"][0] == -1.0
     # the report's numbers are the evaluation's own output
-    evaluated = json.loads((out / "eval" / "dpo-head.json").read_text())
+    evaluated = json.loads((out / "eval" / "dpo-image-head.json").read_text())
+    assert evaluated["head_towers"] == "image"
     assert evaluated["curves"]["p_true_gender"] == curves["p_true_gender"]
     assert evaluated["num_images"] == report["world"]["test"]
     md = (out / "report.md").read_text()
-    assert f"| DPO + head | {own[0.0]:.3f} | {own[1.0]:.3f} |" in md
+    assert f"| DPO + image head | {own[0.0]:.3f} | {own[1.0]:.3f} |" in md
     for png in ("flip.png", "retrieval.png", "world_examples.png"):
         with Image.open(out / png) as im:
             assert im.size[0] > 100 and im.size[1] > 100
     commands = (out / "commands.txt").read_text()
     assert "-m open_clip_po.main --model po-small --train-data" in commands   # the seeded pre-training
-    for stage in ("open_clip_po.data.gender --csv", "--po-linear-head",
+    for stage in ("open_clip_po.data.gender --csv", "--po-linear-head --po-head-towers image",
                   "open_clip_po.svd_scale", "open_clip_po.eval gender"):
         assert stage in commands, stage
     assert "--po-beta 1 --po-reg-lambda 1" in commands
-    assert any((out / "runs" / "scaled").glob("dpo.t1.pt"))
+    assert any((out / "runs" / "scaled").glob("dpo-image-head.t1.pt"))

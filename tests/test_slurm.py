@@ -179,6 +179,17 @@ def test_gender_uses_beta_lambda_one_and_the_linear_head(recorder):
     _, train = _options(argv)
     assert (train["--po-loss"], train["--po-beta"], train["--po-reg-lambda"]) == ("ipo", "1", "1")
     assert train["--po-linear-head"] is True and train["--po-average"] == "bma"  # extra arguments pass through
+    assert train["--po-head-towers"] == "both"  # the paper's head unless asked
+
+
+def test_gender_head_towers(recorder):
+    code, argv, log = recorder("gender.sh", HEAD_TOWERS="image")
+    assert code == 0, log
+    assert _options(argv)[1]["--po-head-towers"] == "image"
+    code, argv, log = recorder("gender.sh", HEAD_TOWERS="text")
+    assert code != 0 and argv == [] and "error: HEAD_TOWERS must be both or image, got 'text'" in log
+    code, argv, log = recorder("gender.sh", HEAD_TOWERS="image", LINEAR_HEAD="0")
+    assert code != 0 and argv == [] and "error: HEAD_TOWERS=image needs LINEAR_HEAD=1" in log
 
 
 def test_multi_node_rendezvous_on_the_first_node(recorder):

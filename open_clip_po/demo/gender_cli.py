@@ -10,9 +10,12 @@
    retrieval;
 3. writes a CSV of the training images (image, gender, activity) and runs ``python -m open_clip_po.data.gender`` on
    it (y_w = the flipped-gender caption, y_l = the original, D_reg = "The person is <activity>");
-4. trains a linear head with DPO, IPO and KTO at the paper's β = λ = 1 through
-   ``torchrun -m open_clip_po.main --po-linear-head`` (2 processes);
-5. measures with ``python -m open_clip_po.eval gender`` over t ∈ [-2, 2] (W_t = UΣ^tVᵀ) on balanced held-out
+4. trains linear heads at the paper's β = λ = 1 through ``torchrun -m open_clip_po.main --po-linear-head``
+   (2 processes): with DPO, IPO and KTO a head on the image tower (``--po-head-towers image``, similarity
+   (Wx)ᵀy), and with DPO the paper's head on both towers (xᵀWᵀWy), which on this world erases gender instead of
+   reversing it — its form cannot reverse a direction that pre-training made near-parallel in the two towers;
+5. measures with ``python -m open_clip_po.eval gender`` over t ∈ [-2, 2] (W_t = I + t(W − I) for the image head,
+   UΣ^tVᵀ for the paper's) on balanced held-out
    images: the own-gender probability falls with t, flips at t = 1, crosses 1/2 at a neutral t*, while activity
    accuracy stays; retrieval's gender mix at t = 0, t*, 1; folds W_t at t = 1 and t* into stock checkpoints with
    ``python -m open_clip_po.svd_scale``; writes ``DIR/report.md``, ``report.json``, ``flip.png``
@@ -36,12 +39,15 @@ def build_gender_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_gender_out", help="output directory (default: %(default)s)")
     p.add_argument("--quick", action="store_true",
-                   help="a smaller world, shorter pre-training, DPO only, t on a coarse grid: for CI")
+                   help="a smaller world, shorter pre-training, DPO's image head only, t on a coarse grid: for CI")
     p.add_argument("--pretrained", default=None,
                    help="skip pre-training and start from this po-small checkpoint (e.g. DIR/runs/pretrain-people/"
                         "checkpoints/epoch_N.pt of an earlier run)")
     p.add_argument("--methods", default=None,
-                   help="comma-separated objectives for the linear head (default: dpo,ipo,kto; --quick: dpo)")
+                   help="comma-separated objectives for the image-tower head (default: dpo,ipo,kto; --quick: dpo)")
+    p.add_argument("--paper-methods", default=None,
+                   help="comma-separated objectives for the paper's two-tower head, or 'none' (default: dpo; "
+                        "--quick: none)")
     p.add_argument("--t", default=None,
                    help=f"grid of t for the evaluation, start:stop:step (default: {GenderConfig().t_grid})")
     p.add_argument("--seed", type=int, default=0, help="seed of the world and of every run (default: 0)")
@@ -59,14 +65,22 @@ def gender_main(argv) -> int:
     _setup_logging()
     cfg = quick_gender_config() if args.quick else full_gender_config()
     cfg = dataclasses.replace(cfg, seed=args.seed, t_grid=args.t or cfg.t_grid)
-    if args.methods is not None:
-        wanted = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-        unknown = [m for m in wanted if m not in ("dpo", "ipo", "kto")]
-        if unknown or not wanted:
-            print(f"{PROG}: error: unknown --methods {', '.join(unknown) or '(none)'} (known: dpo, ipo, kto)",
-                  file=sys.stderr)
+    if args.methods is not None or args.paper_methods is not None:
+        chosen = {}
+        for flag, spec, default in (("--methods", args.methods, [m.loss for m in cfg.methods if "image" in m.name]),
+                                    ("--paper-methods", args.paper_methods,
+                                     [m.loss for m in cfg.methods if "paper" in m.name])):
+            wanted = tuple(default) if spec is None else tuple(
+                m.strip() for m in spec.split(",") if m.strip() and m.strip() != "none")
+            unknown = [m for m in wanted if m not in ("dpo", "ipo", "kto")]
+            if unknown:
+                print(f"{PROG}: error: unknown {flag} {', '.join(unknown)} (known: dpo, ipo, kto)", file=sys.stderr)
+                return 2
+            chosen[flag] = wanted
+        if not (chosen["--methods"] or chosen["--paper-methods"]):
+            print(f"{PROG}: error: no head to train (--methods and --paper-methods are both empty)", file=sys.stderr)
             return 2
-        cfg = dataclasses.replace(cfg, methods=gender_methods(wanted))
+        cfg = dataclasses.replace(cfg, methods=gender_methods(chosen["--methods"], chosen["--paper-methods"]))
     pretrained = _pretrained_path(args.pretrained, PROG)
     out = Path(args.out).resolve()
     try:

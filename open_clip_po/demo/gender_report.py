@@ -80,14 +80,14 @@ def plot_flip(rows: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for row, colour in zip(rows, ("tab:blue", "tab:orange", "tab:green")):
+    for row, colour in zip(rows, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")):
         c = row["curves"]
         ax.plot(c["t"], c["p_true_gender"], "o-", color=colour, ms=3, label=f"{row['method']}: own gender")
         ax.plot(c["t"], c["p_flipped_gender"], "--", color=colour, label=f"{row['method']}: flipped gender")
         if math.isfinite(row["t_star"]):
             ax.axvline(row["t_star"], color=colour, linestyle=":", linewidth=1)
     ax.axhline(0.5, color="gray", linewidth=0.8)
-    ax.set_xlabel("t  (W_t = UΣ^tVᵀ; t = 0 pre-trained, t = 1 trained head)")
+    ax.set_xlabel("t  (image head I + t(W − I), paper head UΣ^tVᵀ; 0 pre-trained, 1 trained)")
     ax.set_ylabel("probability (mean over held-out images)")
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=7, ncol=2)
@@ -145,9 +145,11 @@ def write_gender_report(out: Path, *, cfg: dict, counts: dict, rows: list[dict],
         "",
         f"A `{cfg['model']}` CLIP pre-trained with open_clip's trainer on {cfg['pretrain_images']} pictures of men and "
         "women doing six activities, captioned \"The man/woman is <activity>\" with the activities unevenly split "
-        "between genders. A linear head W is trained per objective (β = λ = 1) on triplets from "
+        "between genders. Linear heads W are trained (β = λ = 1) on triplets from "
         "`python -m open_clip_po.data.gender` (y_w = the flipped-gender caption, y_l = the original, D_reg = "
-        "\"The person is <activity>\"), then scaled, W_t = UΣ^tVᵀ, and measured by "
+        "\"The person is <activity>\"): an *image head* per objective (`--po-head-towers image`: similarity "
+        "(Wx)ᵀy, scaled W_t = I + t(W − I)) and the *paper head* (both towers: xᵀWᵀWy, scaled W_t = UΣ^tVᵀ), which "
+        "cannot reverse a direction the two towers share and so erases gender instead. Each is measured by "
         f"`python -m open_clip_po.eval gender` on {counts['test']} held-out images (balanced: the same number of men "
         "and women per activity). *Own* = mean probability of the image's own gender in the choice between "
         "\"The man is <a>\" and \"The woman is <a>\"; *flipped* = share of images where the other gender wins; "

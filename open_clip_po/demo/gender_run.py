@@ -1,7 +1,8 @@
 """``run_gender_demo(cfg, out)``: the gender demo's stages, in order; returns the report dict.
 
 world (people doing activities, gender-skewed captions) → pre-training with open_clip's trainer →
-``python -m open_clip_po.data.gender`` on the training CSV → a linear head per objective through
+``python -m open_clip_po.data.gender`` on the training CSV → linear heads (on the image tower per objective, and
+the paper's on both towers) through
 ``torchrun -m open_clip_po.main --po-linear-head`` → ``python -m open_clip_po.eval gender`` over t →
 ``python -m open_clip_po.svd_scale`` at t = 1 and the neutral t* → ``report.md`` / ``report.json`` / plots.
 """
@@ -25,10 +26,18 @@ from .pipeline import Method, Runner, StageError, checkpoint_of, fresh
 log = logging.getLogger("open_clip_po.demo")
 
 
-def gender_methods(losses=("dpo", "ipo", "kto"), lr: str = "5e-2") -> tuple[Method, ...]:
-    """A linear head per objective at the paper's β = λ = 1 for gender (what ``scripts/slurm/gender.sh`` sets)."""
-    return tuple(Method(loss.upper() + " + head", loss, True,
-                        ("--po-beta", "1", "--po-reg-lambda", "1", "--lr", lr)) for loss in losses)
+def gender_methods(losses=("dpo", "ipo", "kto"), paper_losses=("dpo",), image_lr: str = "1e-2",
+                   paper_lr: str = "5e-2") -> tuple[Method, ...]:
+    """Linear heads at the paper's β = λ = 1 for gender (what ``scripts/slurm/gender.sh`` sets): one on the image
+    tower per objective of ``losses`` (``--po-head-towers image``, which can reverse gender), and the paper's head
+    on both towers for ``paper_losses`` — on this world it erases gender rather than reversing it, since its
+    similarity xᵀWᵀWy cannot reverse a direction that pre-training made near-parallel in the two towers."""
+    common = ("--po-beta", "1", "--po-reg-lambda", "1")
+    image = tuple(Method(loss.upper() + " + image head", loss, True,
+                         ("--po-head-towers", "image", *common, "--lr", image_lr)) for loss in losses)
+    paper = tuple(Method(loss.upper() + " + paper head", loss, True, (*common, "--lr", paper_lr))
+                  for loss in paper_losses)
+    return image + paper
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +66,9 @@ def full_gender_config() -> GenderConfig:
 
 
 def quick_gender_config() -> GenderConfig:
-    """For CI: a smaller world, shorter pre-training, DPO only, a coarse t grid."""
+    """For CI: a smaller world, shorter pre-training, DPO's image head only, a coarse t grid."""
     return dataclasses.replace(GenderConfig(), pretrain_images=3000, train_per_cell=25, test_per_cell=25,
-                               po_epochs=5, methods=gender_methods(("dpo",)), t_grid="-1:1:0.5", top_k=15)
+                               po_epochs=5, methods=gender_methods(("dpo",), ()), t_grid="-1:1:0.5", top_k=15)
 
 
 def build_people_world(cfg: GenderConfig, out: Path, quiet: bool, pretraining: bool = True) -> dict:
@@ -119,7 +128,7 @@ def run_gender_demo(cfg: GenderConfig, out: Path, *, pretrained: Path | None = N
                                                      cfg.top_k, evals / f"{name}.json"))
         result = json.loads((evals / f"{name}.json").read_text(encoding="utf-8"))
         t_star = result["metrics"]["t_star"]   # null in the JSON when own and flipped never cross on the grid
-        rows.append({"method": method.name, "loss": method.loss, "checkpoint": str(ckpt),
+        rows.append({"method": method.name, "loss": method.loss, "run": name, "checkpoint": str(ckpt),
                      "eval": str(evals / f"{name}.json"), "t_star": float("nan") if t_star is None else t_star,
                      "curves": result["curves"], "retrieval": result["retrieval"]})
         log.info("%s: P(own gender) %.3f at t=0, %.3f at t=1; t* = %.3f", method.name,
@@ -133,8 +142,8 @@ def run_gender_demo(cfg: GenderConfig, out: Path, *, pretrained: Path | None = N
             continue
         for label, t in (("t1", 1.0), ("neutral", row["t_star"])):
             if np.isfinite(t):
-                path = runs / "scaled" / f"{row['loss']}.{label}.pt"
-                runner.run(f"svd-scale-{row['loss']}-{label}", svd_scale_argv(Path(row["checkpoint"]), t, path))
+                path = runs / "scaled" / f"{row['run']}.{label}.pt"
+                runner.run(f"svd-scale-{row['run']}-{label}", svd_scale_argv(Path(row["checkpoint"]), t, path))
                 scaled.setdefault(row["method"], {})[f"{t:g}"] = str(path)
     runner.timings["total"] = round(time.perf_counter() - t_start, 1)
     return write_gender_report(out, cfg=dataclasses.asdict(cfg), counts=counts, rows=rows, scaled=scaled,

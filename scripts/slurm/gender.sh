@@ -4,6 +4,8 @@
 # original; the regulariser sees the same images with androgynous captions ("The person is <activity>"). As in the
 # paper only a linear head W is trained (LINEAR_HEAD=1, the towers stay frozen); scale it afterwards with
 # python -m open_clip_po.svd_scale. beta = lambda = 1 for every objective (PO_LOSS=dpo|ipo|kto).
+# HEAD_TOWERS=both is the paper's head (similarity x^T W^T W y); HEAD_TOWERS=image puts W on the image tower only,
+# (W x)^T y, which can reverse gender where the paper's form can only erase it (README, the gender demo).
 #   mkdir -p logs && DATA_DIR=data/gender sbatch scripts/slurm/gender.sh [extra open_clip_po.main flags]
 #SBATCH --job-name=po-gender
 #SBATCH --nodes=1
@@ -37,7 +39,15 @@ fi
 : "${PO_REG_LAMBDA:=1}"
 : "${DATA_DIR:=data/gender}"  # python -m open_clip_po.data.gender --out DATA_DIR ...
 : "${LINEAR_HEAD:=1}"         # 1: train only a linear head W on the frozen towers (paper); 0: the whole model
+: "${HEAD_TOWERS:=both}"      # both (paper) | image
+case "$HEAD_TOWERS" in
+    both | image) ;;
+    *) echo "error: HEAD_TOWERS must be both or image, got '$HEAD_TOWERS'" >&2; exit 1 ;;
+esac
 if [ "$LINEAR_HEAD" = 1 ]; then
-    set -- --po-linear-head "$@"
+    set -- --po-linear-head --po-head-towers "$HEAD_TOWERS" "$@"
+elif [ "$HEAD_TOWERS" != both ]; then
+    echo "error: HEAD_TOWERS=$HEAD_TOWERS needs LINEAR_HEAD=1" >&2
+    exit 1
 fi
 po_launch "$@"
