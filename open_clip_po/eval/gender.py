@@ -2,9 +2,9 @@
 
 For each image of a man or a woman doing an activity, the model chooses between
 "The man is <activity>" and "The woman is <activity>" (the training pair). Over t, with
-W_t (U Σ^t Vᵀ, or I + t (W − I) for a head on the image tower only), the probability of the image's own gender falls and the flipped one rises; the
-crossing t* (found by linear interpolation between grid points) is where gender is neutral.
-Activity accuracy uses the androgynous captions "The person is <activity>" (the regulariser's
+W_t (U Σ^t Vᵀ, or I + t (W − I) for a head on the image tower only), the probability of the image's own gender
+falls and the flipped one rises; the crossing t* (found by linear interpolation between grid points) is where
+gender is neutral. Activity accuracy uses the androgynous captions "The person is <activity>" (the regulariser's
 captions), so it measures whether the task survives the flip. Retrieval: for each prompt, the
 top-k images by similarity under W_t at t = 0, t*, 1, counted by gender.
 """
