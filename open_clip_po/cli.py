@@ -70,6 +70,9 @@ def po_argument_parser() -> argparse.ArgumentParser:
     g.add_argument("--po-ref-sync-alpha", type=float, default=0.6,
                    help="TR-DPO's α: θ_ref ← α θ + (1 − α) θ_ref (TRL's ref_model_mixup_alpha; 1 = copy)")
     g.add_argument("--po-linear-head", action="store_true", help="train only a linear head W on frozen towers")
+    g.add_argument("--po-full-text-context", action="store_true",
+                   help="run the text tower over all context_length positions, as open_clip does (default: only over "
+                        "each batch's caption span; exact for causal, argmax-pooled text towers)")
     g.add_argument("--po-average", choices=("none", "bma", "ema"), default="none")
     g.add_argument("--po-bma-gamma", type=float, default=0.7)
     g.add_argument("--po-ema-decay", type=float, default=0.999)
