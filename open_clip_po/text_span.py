@@ -38,7 +38,8 @@ def caption_span(text: torch.Tensor, multiple: int = SPAN_MULTIPLE) -> int:
 
 
 def _span(text: torch.Tensor, context_length: int) -> int | None:
-    """The span to run over, or None where open_clip's own full-length method should run."""
+    """The span to run over, or None where open_clip's own full-length method should run. Reading the span is one
+    device-to-host sync per call (on GPU)."""
     if torch.compiler.is_compiling() or text.dim() != 2 or text.shape[0] == 0 or text.shape[1] != context_length:
         return None
     n = caption_span(text)

@@ -19,7 +19,7 @@ from open_clip_po.reference import Reference
 from open_clip_po.text_span import (caption_span, configure_text_span, run_text_over_caption_span,
                                     runs_text_over_caption_span)
 
-# mixed lengths in one batch; the longest is 7 tokens with SOT and EOT, so the span is 8 positions
+# mixed lengths in one batch (3–8 tokens with SOT and EOT): the longest makes the span 8 positions
 CAPTIONS = ["a dog", "a photo of a dog.", "The man is cooking", "cat"]
 SPAN = 8
 
@@ -211,7 +211,8 @@ def test_a_clip_without_causal_mask_or_argmax_pooling_and_other_models_are_left_
     model = CLIP(config["embed_dim"], config["vision_cfg"], config["text_cfg"])
     model.attn_mask.fill_(0)
     assert run_text_over_caption_span(model) == "its text attention mask is not the causal one"
-    assert run_text_over_caption_span(torch.nn.Linear(2, 2)) == "Linear is neither open_clip's CLIP nor a CustomTextCLIP"
+    assert run_text_over_caption_span(torch.nn.Linear(2, 2)) == \
+        "Linear is neither open_clip's CLIP nor a CustomTextCLIP"
 
 
 def test_idempotent_and_after_a_head_it_says_why(tiny_model):
