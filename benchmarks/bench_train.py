@@ -4,8 +4,15 @@
   AdamW step, against open_clip's ClipLoss on B images + B captions + backward + step; with distinct captions
   the reference's text memo starts empty every step (they would not repeat in real data), with class-template
   captions it is warm (they do);
+- captions are shaped like PO's: the start token 49406, 4–18 random word tokens, the end token 49407, zero
+  padding. The PO model is set up as a PO run sets it up: its text tower (and its reference's) runs over each
+  batch's caption span (``open_clip_po.text_span``). The CLIP baseline is open_clip's model as open_clip builds it,
+  its ClipLoss step over all ``context_length`` positions. One row keeps captions that fill the whole context
+  (start token, words, end token at the last position), where no span is shorter than the context: the structural
+  cost of a PO step, 2B full-length captions where CLIP encodes B;
 - ``--lock-text``: both with the text tower locked (the reference then shares the policy's text features);
-- linear head: a PO step training only W, against a forward of the frozen backbone on the same inputs;
+- linear head: a PO step training only W, against a forward of the frozen backbone (its text tower over the same
+  span) on the same inputs;
 - reference cache (``--po-ref-cache``): the reference's features are looked up, not computed — the step is the
   policy's alone (2B captions instead of B are its only extra cost over CLIP);
 - ``amp_bf16``: the full fine-tune pair again, both steps under open_clip's ``--precision amp_bf16`` autocast
@@ -48,7 +55,28 @@ def _in_memory_cache(reference_model, images, texts, keys):
     return CachedReference(cache)
 
 
-def _setup(mode: str, batch: int = BATCH, model_name: str = MODEL, class_captions: int = 0, cached: bool = False):
+SOT, EOT = 49406, 49407  # open_clip's tokenizer: start and end of text (the end token has the largest id)
+WORDS = (4, 18)  # words per PO-length caption, e.g. "a photo of a dog." is 5
+
+
+def po_captions(count: int, context_length: int, generator, full_context: bool = False):
+    """Token rows shaped like PO captions: SOT, 4–18 random word tokens, EOT, zero padding; with ``full_context``
+    words up to the last position, which holds EOT (the whole context is the caption)."""
+    import torch
+
+    rows = torch.zeros(count, context_length, dtype=torch.long)
+    for row in rows:
+        words = context_length - 2 if full_context else \
+            min(int(torch.randint(WORDS[0], WORDS[1] + 1, (1,), generator=generator)), context_length - 2)
+        row[0], row[words + 1] = SOT, EOT
+        row[1:words + 1] = torch.randint(1, 5000, (words,), generator=generator)
+    return rows
+
+
+def _setup(mode: str, batch: int = BATCH, model_name: str = MODEL, class_captions: int = 0, cached: bool = False,
+           full_context: bool = False):
+    import copy
+
     import torch
 
     import open_clip
@@ -57,29 +85,35 @@ def _setup(mode: str, batch: int = BATCH, model_name: str = MODEL, class_caption
     from open_clip_po.head import attach_linear_head
     from open_clip_po.losses import get_loss
     from open_clip_po.reference import Reference
+    from open_clip_po.text_span import caption_span, run_text_over_caption_span
 
     torch.manual_seed(0)
     model = open_clip.create_model(model_name, output_dict=True)
+    clip_model = copy.deepcopy(model)  # the CLIP baseline: open_clip's text tower over the whole context
+    run_text_over_caption_span(model)  # as a PO run's ModelSetup does, before the reference copy and the head
     size = model.visual.image_size
     size = size if isinstance(size, int) else size[0]
     images = torch.randn(batch, 3, size, size)
-    chosen, rejected = torch.randint(1, 5000, (2, batch, model.context_length))
+    g = torch.Generator().manual_seed(0)
+    chosen, rejected = po_captions(2 * batch, model.context_length, g, full_context).split(batch)
     if class_captions:  # typographic data: y_w and y_l are class templates, so captions repeat in a batch
-        prompts = torch.randint(1, 5000, (class_captions, model.context_length))
-        chosen, rejected = prompts[torch.randint(class_captions, (2, batch))]
+        prompts = po_captions(class_captions, model.context_length, g, full_context)
+        chosen, rejected = prompts[torch.randint(class_captions, (2, batch), generator=g)]
     reference = Reference.copy_of(model, shares_text=(mode == "lock_text"))
     keys = [f"bench/{i}" for i in range(batch)]
     if cached:
         reference = _in_memory_cache(reference.model, images, torch.cat([chosen, rejected]), keys)
     if mode == "lock_text":
-        model.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
+        for m in (model, clip_model):
+            m.lock_text_tower(unlocked_layers=0, freeze_layer_norm=True)
     if mode == "head":
         model.requires_grad_(False)
         attach_linear_head(model).requires_grad_(True)
         reference = Reference(None, is_base_of_head=True)
     criterion = POCriterion(get_loss("dpo"), reference, POSettings(reg_lambda=0.0))
     clip_loss = open_clip.ClipLoss()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    opt, clip_opt = (torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
+                     for m in (model, clip_model))
     batch = {"images": images, "chosen": chosen, "rejected": rejected, "keys": keys}
 
     def po_step():
@@ -92,16 +126,18 @@ def _setup(mode: str, batch: int = BATCH, model_name: str = MODEL, class_caption
         opt.zero_grad()
 
     def clip_step():
-        out = model(images, chosen)
+        out = clip_model(images, chosen)
         clip_loss(out["image_features"], out["text_features"], out["logit_scale"]).backward()
-        opt.step()
-        opt.zero_grad()
+        clip_opt.step()
+        clip_opt.zero_grad()
 
     @torch.no_grad()
     def frozen_forward():
         model.encode_image_base(images, normalize=True)
         model.encode_text_base(torch.cat([chosen, rejected]), normalize=True)
 
+    po_step.text_positions = caption_span(torch.cat([chosen, rejected]))  # what the policy's text tower runs over
+    po_step.context_length = model.context_length
     return po_step, (frozen_forward if mode == "head" else clip_step)
 
 
@@ -129,30 +165,52 @@ print((status("VmHWM") - base) / 1024)
     return float(out.stdout.strip().splitlines()[-1])
 
 
+DISTINCT = "distinct PO-length captions: SOT, 4–18 words, EOT, zero padding"
+FULL_CONTEXT = "distinct captions filling the whole context"
+
+
+def _captions_label(classes: int, full_context: bool) -> str:
+    if full_context:
+        return FULL_CONTEXT
+    return f"{classes}-class template captions, PO-length" if classes else DISTINCT
+
+
 def _step_rows(model_name: str, repeats: int) -> list[dict]:
     rows = []
+    # (time goal, FLOP goal) per (mode, cached); the full-context row has no FLOP goal: 2B captions over the whole
+    # context where CLIP encodes B is its structure, not a cost to cut
     goals = {("full", False): (1.35, None), ("lock_text", False): (1.25, None), ("head", False): (1.10, None),
              ("full", True): (1.40, 1.36), ("lock_text", True): (1.25, None)}
     labels = {"full": "PO step / CLIP step, full fine-tune",
               "lock_text": "PO step / CLIP step, --lock-text",
               "head": "PO step (linear head) / frozen-backbone forward"}
-    cases = [(mode, 0, False) for mode in ("full", "lock_text", "head")] + [("full", CLASSES, False)] + \
-        [("full", 0, True), ("lock_text", 0, True)]
-    for mode, classes, cached in cases:
-        po, base = _setup(mode, model_name=model_name, class_captions=classes, cached=cached)
+    cases = [(mode, 0, False, False) for mode in ("full", "lock_text", "head")] + [("full", CLASSES, False, False)] \
+        + [("full", 0, True, False), ("full", 0, True, True), ("lock_text", 0, True, False)]
+    for mode, classes, cached, full_context in cases:
+        po, base = _setup(mode, model_name=model_name, class_captions=classes, cached=cached,
+                          full_context=full_context)
         flop_ratio = count_flops(po) / count_flops(base)
         t_po, t_base = interleaved_medians(po, base, repeats)
         ratio = t_po / t_base
-        goal, flop_goal = goals.get((mode, cached), goals[(mode, False)])
-        captions = f"{classes}-class template captions" if classes else "all captions distinct"
+        goal, flop_goal = goals[(mode, cached)]
+        flop_goal = None if full_context else flop_goal
         flop_text = f"FLOP ratio {flop_ratio:.2f}" + (f" (goal ≤ {flop_goal})" if flop_goal else "")
-        if cached:  # nothing of the reference runs: what is left is the policy, the floor of any PO step
-            flop_text += (" = the policy alone, the floor of a PO step: it encodes 2B captions where CLIP encodes B"
-                          if mode == "full" else " = the policy alone (the text tower frozen, no reference)")
-        rows.append({"name": f"{labels[mode]}{', reference cache' if cached else ''} ({captions})", "value": ratio,
+        if cached:  # nothing of the reference runs: what is left is the policy, the floor of a PO step
+            if mode != "full":
+                flop_text += " = the policy alone (the text tower frozen, no reference)"
+            elif full_context:
+                flop_text += (" = the policy alone encoding 2B captions over the whole context where CLIP encodes B: "
+                              "the structural cost, which no caption span shortens")
+            else:
+                flop_text += (" = the policy alone, the floor of a PO step: its 2B captions run over their span, "
+                              "CLIP's B over the whole context")
+        context = f"text tower over {po.text_positions} positions (CLIP: all {po.context_length})" \
+            if mode != "head" else f"text tower over {po.text_positions} positions in both"
+        rows.append({"name": f"{labels[mode]}{', reference cache' if cached else ''} "
+                             f"({_captions_label(classes, full_context)})", "value": ratio,
                      "unit": "×", "goal": f"≤ {goal}", "met": ratio <= goal and (flop_goal is None or
                                                                                  flop_ratio <= flop_goal),
-                     "details": f"{flop_text}; {model_name}, batch {BATCH}, medians of {repeats}: "
+                     "details": f"{flop_text}; {context}; {model_name}, batch {BATCH}, medians of {repeats}: "
                                 f"{t_po * 1e3:.1f} ms vs {t_base * 1e3:.1f} ms"})
     return rows
 
@@ -174,14 +232,18 @@ BF16_REFERENCE_NOTE = ("the online reference's attention runs the policy's GEMMs
 
 
 def amp_bf16_row(model_name: str, repeats: int) -> dict:
-    """PO / CLIP step ratio, full fine-tune, distinct captions, both under ``--precision amp_bf16`` autocast."""
+    """PO / CLIP step ratio, full fine-tune, distinct PO-length captions, both under ``--precision amp_bf16``
+    autocast."""
     po, clip = _setup("full", model_name=model_name)
-    t_po, t_clip = interleaved_medians(_under_autocast(po, "amp_bf16"), _under_autocast(clip, "amp_bf16"), repeats)
+    po_bf16, clip_bf16 = _under_autocast(po, "amp_bf16"), _under_autocast(clip, "amp_bf16")
+    flop_ratio = count_flops(po_bf16) / count_flops(clip_bf16)
+    t_po, t_clip = interleaved_medians(po_bf16, clip_bf16, repeats)
     ratio = t_po / t_clip
-    return {"name": "PO step / CLIP step, full fine-tune, amp_bf16 (all captions distinct)", "value": ratio,
+    return {"name": f"PO step / CLIP step, full fine-tune, amp_bf16 ({DISTINCT})", "value": ratio,
             "unit": "×", "goal": "≤ 1.35", "met": ratio <= 1.35,
-            "details": f"{model_name}, batch {BATCH}, bfloat16 autocast on CPU, medians of {repeats}: "
-                       f"{t_po * 1e3:.1f} ms vs {t_clip * 1e3:.1f} ms; {BF16_REFERENCE_NOTE}"}
+            "details": f"FLOP ratio {flop_ratio:.2f}; text tower over {po.text_positions} positions (CLIP: all "
+                       f"{po.context_length}); {model_name}, batch {BATCH}, bfloat16 autocast on CPU, medians of "
+                       f"{repeats}: {t_po * 1e3:.1f} ms vs {t_clip * 1e3:.1f} ms; {BF16_REFERENCE_NOTE}"}
 
 
 def _precompute_row(model_name: str, samples: int) -> dict:

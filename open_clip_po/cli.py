@@ -73,7 +73,10 @@ def po_argument_parser() -> argparse.ArgumentParser:
     g.add_argument("--po-head-towers", choices=("both", "image"), default=None,
                    help="where the head acts: both towers, similarity xᵀWᵀWy (the paper's, default), or the image "
                         "tower only, (Wx)ᵀy, which can reverse a concept the paper's form can only erase "
-                        "(docs/training.md)")
+                        "(docs/surgery.md)")
+    g.add_argument("--po-full-text-context", action="store_true",
+                   help="run the text tower over all context_length positions, as open_clip does (default: only over "
+                        "each batch's caption span; exact for causal, argmax-pooled text towers)")
     g.add_argument("--po-average", choices=("none", "bma", "ema"), default="none")
     g.add_argument("--po-bma-gamma", type=float, default=0.7)
     g.add_argument("--po-ema-decay", type=float, default=0.999)

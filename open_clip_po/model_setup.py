@@ -1,7 +1,8 @@
 """The policy and its reference as a PO run builds them, and the stand-in for DDP in linear-head mode.
 
 ``ModelSetup.create_model_and_transforms`` takes open_clip's place: it lets open_clip build the policy, then
-— before resume, locking, the head or DDP touch it — chooses the reference strategy (see
+— before resume, locking, the head or DDP touch it — lets its text tower run over each batch's caption span
+(``open_clip_po.text_span``; the reference copy and the head inherit it), chooses the reference strategy (see
 ``open_clip_po.reference``) and, in linear-head mode, freezes the towers and attaches W.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .checkpoint import CheckpointError, load_checkpoint
 from .cli import UsageError
 from .head import attach_linear_head, has_linear_head
 from .reference import CachedReference, make_reference
+from .text_span import configure_text_span
 
 COMPILE_LOGGERS = ("torch._dynamo", "torch._subclasses", "torch._inductor")
 
@@ -80,6 +82,8 @@ class ModelSetup:
         built = self._create_checked(model_name, pretrained, "--pretrained", *a, **kw)
         if self.model is None:  # the first call builds the policy (a later one, e.g. a distill teacher, is not ours)
             self.model, self.preprocess_val = built[0], built[2]
+            # before the reference copy and the head: both take the policy's text encoder as it is now
+            configure_text_span(built[0], self._args_of().po_full_text_context)
             self.reference = self._build_reference(built[0], kw, built[1])
         return built
 
@@ -98,6 +102,7 @@ class ModelSetup:
                 args.po_ref_model or args.model, args.po_ref_pretrained, "--po-ref-pretrained",
                 precision=args.precision, device=create_kwargs.get("device"), output_dict=True,
                 cache_dir=args.cache_dir)
+            configure_text_span(ref, args.po_full_text_context, who="the reference")
             return make_reference(ref)
         # A copy taken now holds exactly the pre-trained weights; with a locked, frozen text tower the policy's
         # text features are the reference's.

@@ -46,8 +46,9 @@ OPTION_RULES = (
     OptionRule("--lock-text, --lock-text-unlocked-layers N", "works", "fully locked with frozen LayerNorm: the "
                "reference shares the policy's text features; with unlocked layers it keeps its own text tower "
                "(open_clip's own text tower also needs --lock-text-freeze-layer-norm)"),
-    OptionRule("--torchcompile", "works", "the compiled policy serves the PO criterion; the reference stays "
-               "eager"),
+    OptionRule("--torchcompile", "works", "the compiled policy serves the PO criterion, its text tower over the "
+               "whole context (a compiled graph has no data-dependent shapes); the reference stays eager and runs "
+               "the captions' span"),
     OptionRule("--siglip, SigLIP configs (init_logit_bias)", "works", "the policy is still a softmax over the "
                "candidate captions; a logit bias adds the same constant to every candidate's logit and cancels, "
                "so the PO loss ignores it (the sigmoid loss is not used)"),

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from ..atomic import write_text
 from ..checkpoint import atomic_save
 from ..reference import freeze
+from ..text_span import configure_text_span
 from .store import (FORMAT, MANIFEST, PROMPTS_FILE, SHARDS_DIR, CacheError, _load, existing, run_signature,
                     shard_entry)
 
@@ -120,6 +121,7 @@ def build(args) -> Path:
         force_image_size=args.force_image_size, force_context_length=args.force_context_length,
         image_mean=args.image_mean, image_std=args.image_std, image_interpolation=args.image_interpolation,
         output_dict=True, cache_dir=args.cache_dir)
+    configure_text_span(model, args.po_full_text_context, who="the reference")  # as the training run's reference
     tokenizer = open_clip.get_tokenizer(name, context_length=args.force_context_length)
     encoder = Encoder(model, args.precision, device)
     shards = [(u, "pref") for u in existing(expand_shards(args.train_data)[0])]
