@@ -90,16 +90,16 @@ def attach_linear_head(model: nn.Module, weight: torch.Tensor | None = None, tow
     param = next(model.parameters())
     head = LinearHead(embed_dim_of(model), weight, towers).to(param.device)
     setattr(model, HEAD_ATTR, head)
-    base_image, base_text = model.encode_image, model.encode_text
-    # Keep the un-headed encoders reachable: they are the reference in linear-head mode.
-    model.encode_image_base, model.encode_text_base = base_image, base_text
+    # Keep the un-headed encoders reachable: they are the reference in linear-head mode. The wrappers reach them
+    # through the instance, not a closure, so that a deep copy of the model runs its own backbone.
+    model.encode_image_base, model.encode_text_base = model.encode_image, model.encode_text
 
     def encode_image(self, image, normalize: bool = False):
-        features = getattr(self, HEAD_ATTR)(base_image(image, normalize=False))
+        features = getattr(self, HEAD_ATTR)(self.encode_image_base(image, normalize=False))
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, text, normalize: bool = False):
-        features = getattr(self, HEAD_ATTR).text(base_text(text, normalize=False))
+        features = getattr(self, HEAD_ATTR).text(self.encode_text_base(text, normalize=False))
         return F.normalize(features, dim=-1) if normalize else features
 
     model.encode_image = types.MethodType(encode_image, model)

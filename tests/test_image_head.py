@@ -57,6 +57,18 @@ def test_the_image_head_maps_image_features_and_leaves_text_features_alone(tiny_
     torch.testing.assert_close(logits(tiny_model, images, texts), by_hand, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("towers", ["both", "image"])
+def test_a_deep_copy_of_a_headed_model_runs_its_own_backbone(tiny_model, inputs, towers):
+    images, texts = inputs
+    attach_linear_head(tiny_model, random_head(seed=7), towers=towers)
+    copied = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        copied.visual.proj.mul_(2.0)
+        copied.text_projection.mul_(3.0)
+        torch.testing.assert_close(copied.encode_image(images), 2.0 * tiny_model.encode_image(images))
+        torch.testing.assert_close(copied.encode_text(texts), 3.0 * tiny_model.encode_text(texts))
+
+
 def test_unknown_towers_are_refused(tiny_model):
     with pytest.raises(ValueError, match="head towers must be one of both, image, got 'text'"):
         attach_linear_head(tiny_model, towers="text")
