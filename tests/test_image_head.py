@@ -18,7 +18,7 @@ from open_clip_po.eval import gender_curves
 from open_clip_po.head import attach_linear_head, get_linear_head
 from open_clip_po.losses import get_loss
 from open_clip_po.reference import make_reference
-from open_clip_po.svd_scale import fold_head, head_model_at, main as svd_scale_main, scale_head
+from open_clip_po.svd_scale import SurgeryError, fold_head, head_model_at, main as svd_scale_main, scale_head
 
 
 def random_head(dim=32, seed=0, scale=0.3):
@@ -72,6 +72,10 @@ def test_a_deep_copy_of_a_headed_model_runs_its_own_backbone(tiny_model, inputs,
 def test_unknown_towers_are_refused(tiny_model):
     with pytest.raises(ValueError, match="head towers must be one of both, image, got 'text'"):
         attach_linear_head(tiny_model, towers="text")
+    for surgery in (lambda: scale_head(torch.eye(32), 1.0, "text"),
+                    lambda: fold_head(tiny_model.state_dict(), torch.eye(32), "text")):
+        with pytest.raises(SurgeryError, match="head towers must be one of both, image, got 'text'"):
+            surgery()
 
 
 # ---------------------------------------------------------------- why: reversing a concept

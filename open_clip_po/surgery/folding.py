@@ -21,7 +21,7 @@ from torch import nn
 from ..checkpoint import strip_module_prefix
 from ..head import HEAD_ATTR, get_linear_head, has_linear_head
 from ..unwrap import unwrap
-from .scaling import SurgeryError, check_head, scale_head
+from .scaling import SurgeryError, check_head, check_towers, scale_head
 
 
 @dataclass(frozen=True)
@@ -140,8 +140,7 @@ def fold_head(state_dict: dict, W: torch.Tensor, towers: str = "both") -> dict:
     ``f`` are the (un-normalised) features of the model in ``state_dict``. A ``module.`` prefix is
     dropped; the input is not modified (unchanged tensors are shared with it, not copied).
     """
-    if towers not in ("both", "image"):
-        raise SurgeryError(f"head towers must be 'both' or 'image', got {towers!r}")
+    check_towers(towers)
     W = check_head(W)
     state_dict = strip_module_prefix(state_dict)
     image, text = find_projection(state_dict, "image"), find_projection(state_dict, "text")

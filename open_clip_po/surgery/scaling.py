@@ -8,10 +8,18 @@ from contextlib import contextmanager
 import torch
 
 from ..checkpoint import CheckpointError
+from ..head import TOWERS
 
 
 class SurgeryError(CheckpointError):
     """A head or checkpoint the surgery cannot use; the message is one line meant for the user."""
+
+
+def check_towers(towers: str) -> str:
+    """``towers`` if it names where a head can act, else a SurgeryError."""
+    if towers not in TOWERS:
+        raise SurgeryError(f"head towers must be one of {', '.join(TOWERS)}, got {towers!r}")
+    return towers
 
 
 def check_head(W) -> torch.Tensor:
@@ -57,11 +65,10 @@ def scale_head(W: torch.Tensor, t: float, towers: str = "both") -> torch.Tensor:
     t = float(t)
     if not math.isfinite(t):
         raise SurgeryError(f"t must be a finite number, got {t}")
+    check_towers(towers)
     if towers == "image":
         eye = torch.eye(W.shape[0], dtype=torch.float64, device=W.device)
         return (eye + t * (W.detach().to(torch.float64) - eye)).to(W.dtype)
-    if towers != "both":
-        raise SurgeryError(f"head towers must be 'both' or 'image', got {towers!r}")
     with _single_threaded(W.shape[0]):
         U, S, Vh = torch.linalg.svd(W.detach().to(torch.float64))
     if t < 0:
