@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_path
-from .head import HEAD_ATTR, HEAD_PARAM, TOWERS
+from .head import HEAD_ATTR, HEAD_PARAM, check_towers
 
 HEAD_KEY = HEAD_ATTR
 AVERAGE_KEY = "po_average"
@@ -125,10 +125,10 @@ def head_entry(weight: torch.Tensor, towers: str = "both") -> dict:
 
 def entry_towers(entry: dict | None, path="checkpoint") -> str:
     """Where a ``po_head`` entry's W acts; checkpoints written before heads had a choice hold "both"."""
-    towers = "both" if entry is None else entry.get("towers", "both")
-    if towers not in TOWERS:
-        raise CheckpointError(f"{path}: unknown head towers {towers!r} (known: {', '.join(TOWERS)})")
-    return towers
+    try:
+        return check_towers("both" if entry is None else entry.get("towers", "both"))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def average_entry(averager, state_dict: dict, towers: str = "both") -> dict:
@@ -213,9 +213,9 @@ class CheckpointCodec:
             raise CheckpointError(f"{path} has a linear head; resume it with --po-linear-head")
         if head is None and self.linear_head:
             raise CheckpointError(f"{path} has no linear head; it was not trained with --po-linear-head")
-        if head is not None and entry_towers(head, path) != self.head_towers:
-            raise CheckpointError(f"{path} has a head on {entry_towers(head, path)} tower(s); resume it with "
-                                  f"--po-head-towers {entry_towers(head, path)}")
+        towers = None if head is None else entry_towers(head, path)
+        if towers is not None and towers != self.head_towers:
+            raise CheckpointError(f"{path} has a head on {towers} tower(s); resume it with --po-head-towers {towers}")
         state_dict = {prefix + k: v for k, v in strip_module_prefix(ckpt["state_dict"]).items()}
         decoded = {k: v for k, v in ckpt.items() if k not in (HEAD_KEY, AVERAGE_KEY, REFERENCE_KEY, RNG_KEY,
                                                                 OBJECTIVE_KEY)}

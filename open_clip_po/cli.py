@@ -101,6 +101,7 @@ def parse_po_args(argv, open_clip_parse_args):
     validate(args)
     args.po_reg_lambda = REG_LAMBDA_DEFAULT if args.po_reg_lambda is None else args.po_reg_lambda
     args.po_reg_kl = args.po_reg_kl or "forward"
+    args.po_head_towers = args.po_head_towers or "both"
     return args
 
 
@@ -185,7 +186,6 @@ def validate(args) -> None:
                          "drop --po-ref-model/--po-ref-pretrained")
     if args.po_head_towers and not args.po_linear_head:
         raise UsageError("--po-head-towers is for --po-linear-head")
-    args.po_head_towers = args.po_head_towers or "both"
     if args.po_ref_sync_steps < 0 or not 0 < args.po_ref_sync_alpha <= 1:
         raise UsageError("--po-ref-sync-steps must be >= 0 and --po-ref-sync-alpha in (0, 1]")
     if args.po_ref_sync_steps and args.po_linear_head:

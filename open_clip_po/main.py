@@ -84,7 +84,7 @@ class POSession:
 
     def parse_args(self, argv):
         args = self.args = parse_po_args(argv, self.orig["parse_args"])
-        self.codec = CheckpointCodec(linear_head=args.po_linear_head, head_towers=getattr(args, "po_head_towers", None) or "both")
+        self.codec = CheckpointCodec(linear_head=args.po_linear_head, head_towers=args.po_head_towers)
         self.hooks = TrainingHooks(args, self.setup, self.save_checkpoint)
         self.evaluator = Evaluator(args, self.setup, self.hooks, self.orig["evaluate"])
         return args

@@ -66,18 +66,17 @@ def gender_main(argv) -> int:
     cfg = quick_gender_config() if args.quick else full_gender_config()
     cfg = dataclasses.replace(cfg, seed=args.seed, t_grid=args.t or cfg.t_grid)
     if args.methods is not None or args.paper_methods is not None:
+        defaults = {"--methods": [m.loss for m in cfg.methods if "--po-head-towers" in m.flags],
+                    "--paper-methods": [m.loss for m in cfg.methods if "--po-head-towers" not in m.flags]}
         chosen = {}
-        for flag, spec, default in (("--methods", args.methods, [m.loss for m in cfg.methods if "image" in m.name]),
-                                    ("--paper-methods", args.paper_methods,
-                                     [m.loss for m in cfg.methods if "paper" in m.name])):
-            wanted = tuple(default) if spec is None else tuple(
-                m.strip() for m in spec.split(",") if m.strip() and m.strip() != "none")
-            unknown = [m for m in wanted if m not in ("dpo", "ipo", "kto")]
+        for flag, spec in (("--methods", args.methods), ("--paper-methods", args.paper_methods)):
+            chosen[flag] = defaults[flag] if spec is None else [m.strip() for m in spec.split(",")
+                                                                 if m.strip() not in ("", "none")]
+            unknown = [m for m in chosen[flag] if m not in ("dpo", "ipo", "kto")]
             if unknown:
                 print(f"{PROG}: error: unknown {flag} {', '.join(unknown)} (known: dpo, ipo, kto)", file=sys.stderr)
                 return 2
-            chosen[flag] = wanted
-        if not (chosen["--methods"] or chosen["--paper-methods"]):
+        if not any(chosen.values()):
             print(f"{PROG}: error: no head to train (--methods and --paper-methods are both empty)", file=sys.stderr)
             return 2
         cfg = dataclasses.replace(cfg, methods=gender_methods(chosen["--methods"], chosen["--paper-methods"]))

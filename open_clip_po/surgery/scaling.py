@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 
 from ..checkpoint import CheckpointError
-from ..head import TOWERS
+from ..head import check_towers as head_towers_checked
 
 
 class SurgeryError(CheckpointError):
@@ -16,10 +16,11 @@ class SurgeryError(CheckpointError):
 
 
 def check_towers(towers: str) -> str:
-    """``towers`` if it names where a head can act, else a SurgeryError."""
-    if towers not in TOWERS:
-        raise SurgeryError(f"head towers must be one of {', '.join(TOWERS)}, got {towers!r}")
-    return towers
+    """``towers`` if it names where a head can act (``head.check_towers``), else a SurgeryError."""
+    try:
+        return head_towers_checked(towers)
+    except ValueError as e:
+        raise SurgeryError(str(e)) from None
 
 
 def check_head(W) -> torch.Tensor:
