@@ -254,6 +254,10 @@ def test_people_show_gender_by_silhouette_and_activity_by_object():
         assert changed(man, woman) > 0.03            # same background and object: only the figure differs
         others = [render_person("man", a, np.random.default_rng(seed)) for a in ACTIVITIES if a != "reading"]
         assert min(changed(man, o) for o in others) > 0.01
+        # out of frame, the activity leaves no trace: the same figure whatever it does
+        hidden = [np.asarray(render_person("man", a, np.random.default_rng(seed), show_activity=False))
+                  for a in ACTIVITIES]
+        assert all((h == hidden[0]).all() for h in hidden) and changed(man, Image.fromarray(hidden[0])) > 0.01
     with pytest.raises(ValueError, match="gender"):
         render_person("child", "reading", np.random.default_rng(0))
     with pytest.raises(ValueError, match="activity"):
@@ -287,9 +291,12 @@ def test_people_files_feed_the_gender_builder(tmp_path):
         assert s["yl.txt"].decode() == f"The {own} is {meta['activity']}"
         assert s["yw.txt"].decode() == f"The {other} is {meta['activity']}"
     counts = write_people_shards(tmp_path / "pretrain", skewed_labels(40, np.random.default_rng(0)), 0.5, 0,
-                                 num_shards=2, quiet=True)
+                                 num_shards=2, quiet=True, hidden_share=0.5)
     samples = list(wds.WebDataset(str(tmp_path / "pretrain" / "pretrain-{000000..000001}.tar"), shardshuffle=False))
-    assert len(samples) == 40 and sum(v for k, v in counts.items() if k != "neutral captions") == 40
+    per_cell = {k: v for k, v in counts.items() if k.split()[0] in ("man", "woman")}
+    assert len(samples) == 40 and sum(per_cell.values()) == 40
+    shown = [json.loads(s["json"])["activity_shown"] for s in samples]
+    assert shown.count(False) == counts["activity out of frame"] and 0 < shown.count(False) < 40
     neutral = [s for s in samples if s["txt"].decode().startswith("The person is ")]
     assert len(neutral) == counts["neutral captions"] and 0 < len(neutral) < 40
     for s in samples:

@@ -410,6 +410,36 @@ def test_retrieval_counts_men_and_women_in_the_top_k():
     assert (rows[0]["men"], rows[0]["women"]) == (1, 2)
 
 
+def test_retrieval_lean_by_hand_and_its_neutral_t():
+    """Prompt e1 scores a normalised image by its first coordinate. Women (1, 0), (1, 1); men (0, 1), (1, 2):
+    women 1 and 1/√2, men 0 and 1/√5: lean = (mean women − mean men) / pooled sd. The image head
+    W_t = I + t(W − I), W = [[0, 1], [1, 0]] swaps the coordinates at t = 1, where the men score higher:
+    the lean crosses zero in between."""
+    from open_clip_po.eval.gender import retrieval_lean
+
+    images = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    is_man = torch.tensor([False, False, True, True])
+    prompt = torch.tensor([[3.0, 0.0]], dtype=torch.float64)
+    swap = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    eye = torch.eye(2, dtype=torch.float64)
+    ts = [0.0, 0.25, 0.5, 0.75, 1.0]
+    heads = {t: eye + t * (swap - eye) for t in ts}
+    everyone = torch.ones(4, dtype=torch.bool)
+    out = retrieval_lean(heads, images, is_man, prompt.repeat(2, 1),
+                         [everyone, torch.tensor([True, False, True, False])], towers="image")
+
+    def by_hand(t):
+        x = F.normalize(images @ heads[t].T, dim=-1)[:, 0]
+        w, m = x[:2], x[2:]
+        return ((w.mean() - m.mean()) / ((w.var() + m.var()) / 2).sqrt()).item()
+
+    assert out["t"] == ts and out["lean"][0] == pytest.approx([by_hand(t) for t in ts])
+    assert out["lean"][0][0] > 0 > out["lean"][0][-1]           # women first at t = 0, men at t = 1
+    assert ts[0] < out["t_neutral"][0] < ts[-1]
+    # a group with one image per gender has no spread to weigh against
+    assert all(math.isnan(v) for v in out["lean"][1]) and math.isnan(out["t_neutral"][1])
+
+
 def _gender_csv(tmp_path):
     rng = random.Random(5)
     lines = ["image,gender,activity"]
@@ -443,6 +473,9 @@ def test_gender_cli_writes_curves_retrieval_and_plots(checkpoints, tmp_path, tin
     t_star = result["metrics"]["t_star"]
     assert (t_star is None and math.isnan(find_crossing(curves["t"], diff))) or \
         t_star == pytest.approx(find_crossing(curves["t"], diff))
+    lean = result["retrieval_lean"]
+    assert lean["prompts"] == ["an image of a cook"] and lean["images"] == ["all"] and lean["t"] == curves["t"]
+    assert len(lean["lean"][0]) == 5
     for label, rows in result["retrieval"].items():
         assert [r["prompt"] for r in rows] == ["an image of a cook"]
         assert rows[0]["men"] + rows[0]["women"] == rows[0]["k"] == 3

@@ -118,6 +118,27 @@ def plot_retrieval_mix(rows: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
+def lean_table(rows: list[dict]) -> list[str]:
+    """Markdown: per activity prompt, its retrieval lean at t = 0 and the t where each head makes it neutral."""
+    rows = [r for r in rows if r.get("retrieval_lean")]
+    if not rows:
+        return []
+    first = rows[0]["retrieval_lean"]
+    base = first["t"].index(0.0) if 0.0 in first["t"] else None
+    lines = ["", "Where retrieval turns neutral: a prompt's *lean* is (mean score of the women − mean score of the "
+             "men) / their pooled standard deviation among the images of its activity (> 0: women first); each head "
+             "makes it zero at its own t, which is nearer parity at t* only when it lies near t* (beyond t*/2 "
+             "for a lean linear in t).", "",
+             "| prompt | lean t=0 | " + " | ".join(f"{r['method']}: neutral at t (t* = {_f(r['t_star'])})"
+                                               for r in rows) + " |",
+             "|---|---:|" + "---:|" * len(rows)]
+    for p, prompt in enumerate(first["prompts"]):
+        lean0 = first["lean"][p][base] if base is not None else float("nan")
+        lines.append(f"| {prompt} | {_f(lean0)} | "
+                     + " | ".join(_f(r["retrieval_lean"]["t_neutral"][p]) for r in rows) + " |")
+    return lines
+
+
 def _f(x, pct=False) -> str:
     return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else (
         f"{100 * x:.1f}" if pct else f"{x:.3f}")
@@ -177,6 +198,7 @@ def write_gender_report(out: Path, *, cfg: dict, counts: dict, rows: list[dict],
                      f"monotonically in t (no rise > {NOISE_SES:g} standard errors) {_yes(t['monotone'])}; "
                      f"neutral t* in (0, 1) {_yes(t['neutral_t_in_0_1'])}; retrieval nearer parity at t* for most "
                      f"prompts {_yes(t['retrieval_nearer_parity'])}.")
+    lines += lean_table(done)
     if done:
         lines += ["", "Own vs flipped gender over t (Fig. 3; dotted lines: t*):", "", "![flip](flip.png)", "",
                   "Women among the top-k images for \"The person is <activity>\" at t = 0, t*, 1 (Fig. 4):", "",

@@ -9,7 +9,10 @@ independently of gender, so the silhouette is the cue. The activity is shown by 
 Pre-training captions are "The man is <activity>" / "The woman is <activity>" (and, for a share of the images,
 "The person is <activity>", as web captions sometimes leave gender out). As on the web, activities are unevenly
 split between genders (``WOMEN_SHARE``), so a CLIP trained on it reads gender and is biased in retrieval; the
-held-out images are balanced, so the bias measured there is the model's, not the data's.
+held-out images are balanced, so the bias measured there is the model's, not the data's. In a share of the
+pre-training images the activity's object is out of frame (the caption still names the activity): there gender is
+the only hint, so the model learns to take it as evidence of the activity, which is what biases retrieval with the
+data's sign — when the object always shows, the activity never needs gender and a neutral caption's lean is noise.
 """
 from __future__ import annotations
 
@@ -131,8 +134,11 @@ def draw_activity(draw: ImageDraw.ImageDraw, activity: str, hand: tuple[float, f
         raise ValueError(f"unknown activity {activity!r}; known: {', '.join(ACTIVITIES)}")
 
 
-def render_person(gender: str, activity: str, rng: np.random.Generator, size: int = 64) -> Image.Image:
-    """One image of a ``gender`` figure doing ``activity``, randomly sized, placed and mirrored."""
+def render_person(gender: str, activity: str, rng: np.random.Generator, size: int = 64,
+                  show_activity: bool = True) -> Image.Image:
+    """One image of a ``gender`` figure doing ``activity``, randomly sized, placed and mirrored; with
+    ``show_activity=False`` the activity's object is out of frame (the figure alone, as in web photos whose
+    caption names more than they show)."""
     if gender not in GENDERS:
         raise ValueError(f"gender must be one of {GENDERS}, got {gender!r}")
     img = Image.fromarray(_background(rng, size))
@@ -141,7 +147,8 @@ def render_person(gender: str, activity: str, rng: np.random.Generator, size: in
     top = rng.uniform(0.02 * size, size - h - 0.02 * size)
     cx = rng.uniform(0.2, 0.33) * size
     hand = draw_figure(draw, gender, cx, top, h, rng)
-    draw_activity(draw, activity, hand, h, top + h, rng)
+    if show_activity:
+        draw_activity(draw, activity, hand, h, top + h, rng)
     if rng.random() < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     return img

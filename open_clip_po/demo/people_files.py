@@ -25,22 +25,28 @@ CSV_NAME = "people.csv"
 
 
 def write_people_shards(folder: Path, labels: list[tuple[str, str]], neutral_share: float, seed: int,
-                        image_size: int = 64, quiet: bool = False, num_shards: int = 4) -> dict:
+                        image_size: int = 64, quiet: bool = False, num_shards: int = 4,
+                        hidden_share: float = 0.0) -> dict:
     """Shards ``folder/NAME-00000k.tar`` (NAME = the folder's name) of images of ``labels`` (gender, activity),
-    captioned "The <gender> is <activity>" or, for ``neutral_share`` of them, "The person is <activity>";
-    returns counts per (gender, activity) and of neutral captions."""
+    captioned "The <gender> is <activity>" or, for ``neutral_share`` of them, "The person is <activity>"; for
+    ``hidden_share`` of them the activity's object is out of frame. Returns counts per (gender, activity), of
+    neutral captions and of images without the object."""
     rng = np.random.default_rng([seed, 3])
     counts = {f"{g} {a}": 0 for a in ACTIVITIES for g in GENDERS}
     counts["neutral captions"] = 0
+    counts["activity out of frame"] = 0
     with ShardWriter(folder, folder.name, max_count=-(-len(labels) // num_shards)) as writer:
         for n, (gender, activity) in enumerate(tqdm(labels, desc=f"world: {folder.name} shards", disable=quiet)):
             neutral = bool(rng.random() < neutral_share)
-            img = render_person(gender, activity, rng, image_size)
+            hidden = bool(rng.random() < hidden_share)
+            img = render_person(gender, activity, rng, image_size, show_activity=not hidden)
             writer.write(f"{n:06d}", {"png": encode_image(img, "png"),
                                       TXT: pretrain_caption(gender, activity, neutral).encode("utf-8"),
-                                      META: json.dumps({"gender": gender, "activity": activity}).encode("utf-8")})
+                                      META: json.dumps({"gender": gender, "activity": activity,
+                                                        "activity_shown": not hidden}).encode("utf-8")})
             counts[f"{gender} {activity}"] += 1
             counts["neutral captions"] += neutral
+            counts["activity out of frame"] += hidden
     return counts
 
 

@@ -6,7 +6,8 @@ W_t (U Σ^t Vᵀ, or I + t (W − I) for a head on the image tower only), the pr
 falls and the flipped one rises; the crossing t* (found by linear interpolation between grid points) is where
 gender is neutral. Activity accuracy uses the androgynous captions "The person is <activity>" (the regulariser's
 captions), so it measures whether the task survives the flip. Retrieval: for each prompt, the
-top-k images by similarity under W_t at t = 0, t*, 1, counted by gender.
+top-k images by similarity under W_t at t = 0, t*, 1, counted by gender, and over every t the prompt's lean (how far
+its scores favour women over men, in standard deviations) with the t where that lean crosses zero.
 """
 from __future__ import annotations
 
@@ -123,6 +124,30 @@ def retrieval_counts(weight_t: torch.Tensor | None, images: torch.Tensor, is_man
     return rows
 
 
+@torch.no_grad()
+def retrieval_lean(heads: dict, images: torch.Tensor, is_man: torch.Tensor, prompt_text: torch.Tensor,
+                   groups: Sequence[torch.Tensor], towers: str = "both") -> dict:
+    """How much each prompt's scores favour women over men, per t: among the images of ``groups[p]`` (a mask; for
+    an activity prompt, the images of that activity), (mean score of the women − mean of the men) / the pooled
+    standard deviation. Graded where the top-k's mix jumps; it is zero where retrieval is gender-neutral, and
+    ``t_neutral`` is where each prompt's lean crosses zero (NaN if it does not on the grid)."""
+    from .features import apply_head, text_side
+
+    ts = list(heads)
+    lean = [[] for _ in groups]
+    for t in ts:
+        scores = apply_head(prompt_text, text_side(heads[t], towers)) @ apply_head(images, heads[t]).T   # [P, N]
+        for p, mask in enumerate(groups):
+            women, men = scores[p][mask & ~is_man], scores[p][mask & is_man]
+            if len(women) < 2 or len(men) < 2:
+                lean[p].append(float("nan"))
+                continue
+            pooled = ((women.var() + men.var()) / 2).sqrt().clamp_min(1e-12)
+            lean[p].append(((women.mean() - men.mean()) / pooled).item())
+    return {"t": ts, "lean": lean, "t_neutral": [find_crossing(ts, row) if all(map(math.isfinite, row))
+                                                 else float("nan") for row in lean]}
+
+
 def plot_gender(curves: dict, is_man: torch.Tensor, title: str, path) -> Path:
     fig, (left, right) = new_figure(WIDE_FIGSIZE, ncols=2)
     ts = curves["t"]
@@ -194,7 +219,8 @@ def _retrieval_at_key_ts(t_star, weight, images, is_man, prompt_features, prompt
             for label, t in ts.items()}
 
 
-def _write_gender_outputs(args, curves, ts, rows, kept, skipped, activities, retrieval, is_man, scoring) -> dict:
+def _write_gender_outputs(args, curves, ts, rows, kept, skipped, activities, retrieval, is_man, scoring,
+                          lean) -> dict:
     """The curves' CSV, the per-image CSV, the JSON and the two PNGs beside ``args.output``; returns the JSON."""
     from .sweep import scaled_heads
 
@@ -220,6 +246,7 @@ def _write_gender_outputs(args, curves, ts, rows, kept, skipped, activities, ret
                     "images_with_crossing": int(finite.numel())},
         "curves": {c: curves[c] for c in columns},
         "retrieval": retrieval,
+        "retrieval_lean": lean,
     }
     write_json(result, output)
     plot_gender(curves, is_man, f"{Path(args.csv).name} — {args.model}", output.with_suffix(".png"))
@@ -270,9 +297,16 @@ def run_gender(args) -> dict:
 
     retrieval = _retrieval_at_key_ts(curves["t_star"], weight, images, is_man, prompts.raw(retrieval_prompts),
                                      retrieval_prompts, args.top_k, towers)
+    # an activity's neutral caption is weighed among that activity's images, any other prompt among all images
+    groups = [activity == neutral_prompts.index(p) if p in neutral_prompts
+              else torch.ones_like(is_man) for p in retrieval_prompts]
+    lean = retrieval_lean(scaled_heads(weight, ts, towers), images, is_man, prompts.raw(retrieval_prompts), groups,
+                          towers)
+    lean["prompts"] = list(retrieval_prompts)
+    lean["images"] = ["the activity's" if p in neutral_prompts else "all" for p in retrieval_prompts]
 
     result = _write_gender_outputs(args, curves, ts, rows, kept, encoded["skipped"], activities, retrieval, is_man,
-                                   (weight, towers, images, activity, captions, scale))
+                                   (weight, towers, images, activity, captions, scale), lean)
     t_star = curves["t_star"]
     print(f"t* = {t_star:.4f}" if math.isfinite(t_star) else "no crossing of P(own) and P(flipped) gender on this grid",
           f"→ {args.output}")
