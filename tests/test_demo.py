@@ -305,15 +305,14 @@ def test_people_files_feed_the_gender_builder(tmp_path):
                                      f"The person is {meta['activity']}")
 
 
-def _gender_row(p_true, activity, retrieval_t0, retrieval_star, t_star=0.5, se=0.01):
+def _gender_row(p_true, activity, retrieval_t0, retrieval_star, t_star=0.5, se=0.01, k=10):
     ts = [-1.0, 0.0, 0.5, 1.0]
     return {"method": "DPO + head", "t_star": t_star,
             "curves": {"t": ts, "p_true_gender": p_true, "p_flipped_gender": [1 - p for p in p_true],
                        "p_true_gender_se": [se] * 4, "flipped_choice": [1 - p for p in p_true],
                        "activity_accuracy": activity},
-            "retrieval": {"t=0 (base)": [{"prompt": "p", "k": 10, "women_fraction": w} for w in retrieval_t0],
-                          "t*=0.5 (neutral)": [{"prompt": "p", "k": 10, "women_fraction": w}
-                                               for w in retrieval_star]}}
+            "retrieval": {label: [{"prompt": "p", "k": k, "women": round(w * k), "women_fraction": w} for w in ws]
+                          for label, ws in (("t=0 (base)", retrieval_t0), ("t*=0.5 (neutral)", retrieval_star))}}
 
 
 def test_check_gender_targets_by_hand():
@@ -323,6 +322,10 @@ def test_check_gender_targets_by_hand():
     assert t["reads_gender"] and t["flips"] and t["activity_kept"] and t["monotone"] and t["neutral_t_in_0_1"]
     assert t["flipped_choice_t1"] == pytest.approx(0.9)
     assert (t["prompts_nearer_parity"], t["prompts"]) == (2, 3) and t["retrieval_nearer_parity"]
+    # 19 and 11 women of 30 are equally far from parity: a tie is not nearer (as fractions, floats say it is)
+    assert abs(19 / 30 - 0.5) < abs(11 / 30 - 0.5)
+    tie = _gender_row([0.97, 0.9, 0.5, 0.1], [0.9] * 4, [11 / 30, 1.0], [19 / 30, 0.4], k=30)
+    assert check_gender_targets(tie)["prompts_nearer_parity"] == 1
     # a rise of 0.05 between t = 0 and 0.5 is more than 2 standard errors of 0.01; of 0.03 it is noise
     rising = _gender_row([0.97, 0.9, 0.95, 0.1], [0.9] * 4, [0.9], [0.5], se=0.01)
     assert not check_gender_targets(rising)["monotone"]

@@ -4,7 +4,8 @@
 
 1. builds a world of people doing activities: men (short hair, trousers) and women (long hair, a dress) doing one of
    six activities shown by drawn objects, on varied backgrounds, captioned "The man/woman is <activity>" with the
-   activities unevenly split between genders (as web data is);
+   activities unevenly split between genders (as web data is), the object out of frame in 30 % of the
+   pre-training images (gender is then the only hint of the activity);
 2. pre-trains ``po-small`` on it with open_clip's own trainer (``open_clip_train.main``, launched as
    ``python -m open_clip_po.main`` so that its shuffles follow ``--seed``), so it reads gender and is biased in
    retrieval;
@@ -17,7 +18,7 @@
 5. measures with ``python -m open_clip_po.eval gender`` over t ∈ [-2, 2] (W_t = I + t(W − I) for the image head,
    UΣ^tVᵀ for the paper's) on balanced held-out
    images: the own-gender probability falls with t, flips at t = 1, crosses 1/2 at a neutral t*, while activity
-   accuracy stays; retrieval's gender mix at t = 0, t*, 1; folds W_t at t = 1 and t* into stock checkpoints with
+   accuracy stays; retrieval's gender mix at t = 0, t*, 1 and each prompt's lean over t; folds W_t at t = 1 and t* into stock checkpoints with
    ``python -m open_clip_po.svd_scale``; writes ``DIR/report.md``, ``report.json``, ``flip.png``
    (Fig. 3) and ``retrieval.png`` (Fig. 4). Every command is logged in ``DIR/commands.txt``.
 """

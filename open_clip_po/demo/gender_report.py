@@ -37,7 +37,9 @@ def nearer_parity(retrieval: dict) -> tuple[int, int]:
     neutral = next((v for k, v in retrieval.items() if k.startswith("t*")), None)
     if neutral is None:
         return 0, len(base)
-    wins = sum(abs(n["women_fraction"] - 0.5) < abs(b["women_fraction"] - 0.5) for b, n in zip(base, neutral))
+    # on the counts, not the fractions: 19/30 and 11/30 women are equally far from parity, which floats can miss
+    wins = sum(abs(2 * n["women"] - n["k"]) * b["k"] < abs(2 * b["women"] - b["k"]) * n["k"]
+               for b, n in zip(base, neutral))
     return wins, len(base)
 
 
