@@ -384,7 +384,7 @@ def test_quick_gender_demo_end_to_end(tmp_path):
     assert evaluated["num_images"] == report["world"]["test"]
     md = (out / "report.md").read_text()
     assert f"| DPO + image head | {own[0.0]:.3f} | {own[1.0]:.3f} |" in md
-    for png in ("flip.png", "retrieval.png", "world_examples.png"):
+    for png in ("flip.png", "retrieval.png", "lean.png", "world_examples.png"):
         with Image.open(out / png) as im:
             assert im.size[0] > 100 and im.size[1] > 100
     commands = (out / "commands.txt").read_text()

@@ -495,8 +495,9 @@ def test_gender_cli_writes_curves_retrieval_and_plots(checkpoints, tmp_path, tin
             assert float(row[column]) == pytest.approx(p_man, abs=1e-5), (column, row["image"])
     with Image.open(out.with_suffix(".png")) as png:
         assert png.size == figure_pixels(WIDE_FIGSIZE)
-    with Image.open(out.parent / "gender_retrieval.png") as png:
-        assert png.size == figure_pixels(SINGLE_FIGSIZE)
+    for name in ("gender_retrieval.png", "gender_lean.png"):
+        with Image.open(out.parent / name) as png:
+            assert png.size == figure_pixels(SINGLE_FIGSIZE)
 
 
 # ---------------------------------------------------------------------------------------------------------------

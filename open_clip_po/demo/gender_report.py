@@ -120,6 +120,29 @@ def plot_retrieval_mix(rows: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_leans(rows: list[dict], path: Path) -> Path:
+    """Each activity prompt's retrieval lean over t, one panel per head, with its t*: where the curves cross zero
+    is where that prompt's retrieval is gender-neutral."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in rows if r.get("retrieval_lean")]
+    fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 3.8), squeeze=False, sharey=True)
+    for ax, row in zip(axes[0], rows):
+        lean = row["retrieval_lean"]
+        for prompt, curve in zip(lean["prompts"], lean["lean"]):
+            ax.plot(lean["t"], curve, "o-", ms=2, label=prompt.replace("The person is ", ""))
+        ax.axhline(0.0, color="gray", linewidth=1)
+        if math.isfinite(row["t_star"]):
+            ax.axvline(row["t_star"], color="black", linestyle=":", linewidth=1, label=f"t* = {row['t_star']:.2f}")
+        ax.set_title(row["method"], fontsize=9)
+        ax.set_xlabel("t")
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("lean: women − men, in pooled sd")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def lean_table(rows: list[dict]) -> list[str]:
     """Markdown: per activity prompt, its retrieval lean at t = 0 and the t where each head makes it neutral."""
     rows = [r for r in rows if r.get("retrieval_lean")]
@@ -163,6 +186,8 @@ def write_gender_report(out: Path, *, cfg: dict, counts: dict, rows: list[dict],
     if done:
         plot_flip(done, out / "flip.png")
         plot_retrieval_mix(done, out / "retrieval.png")
+        if any(r.get("retrieval_lean") for r in done):
+            plot_leans(done, out / "lean.png")
     lines = [
         "# open_clip_po demo: flipping a CLIP's reading of gender with a linear head",
         "",
@@ -201,6 +226,8 @@ def write_gender_report(out: Path, *, cfg: dict, counts: dict, rows: list[dict],
                      f"neutral t* in (0, 1) {_yes(t['neutral_t_in_0_1'])}; retrieval nearer parity at t* for most "
                      f"prompts {_yes(t['retrieval_nearer_parity'])}.")
     lines += lean_table(done)
+    if any(r.get("retrieval_lean") for r in done):
+        lines += ["", "![lean over t](lean.png)"]
     if done:
         lines += ["", "Own vs flipped gender over t (Fig. 3; dotted lines: t*):", "", "![flip](flip.png)", "",
                   "Women among the top-k images for \"The person is <activity>\" at t = 0, t*, 1 (Fig. 4):", "",

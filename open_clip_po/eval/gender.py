@@ -195,6 +195,21 @@ def plot_retrieval(retrieval: dict, path) -> Path:
     return save_figure(fig, path)
 
 
+def plot_lean(lean: dict, t_star: float, path) -> Path:
+    """Each prompt's retrieval lean over t (0: gender-neutral retrieval), with t*."""
+    fig, ax = new_figure(SINGLE_FIGSIZE)
+    for prompt, row in zip(lean["prompts"], lean["lean"]):
+        ax.plot(lean["t"], row, "o-", ms=3, label=prompt)
+    ax.axhline(0.0, color="gray", linewidth=1)
+    if math.isfinite(t_star):
+        ax.axvline(t_star, color="gray", linestyle=":", label=f"t* = {t_star:.3f}")
+    ax.set_xlabel("t")
+    ax.set_ylabel("lean: (women − men) mean score / pooled sd")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def _check_templates(caption: str, neutral_caption: str) -> None:
     for template, fields in ((caption, ("{gender}", "{activity}")), (neutral_caption, ("{activity}",))):
         if not all(f in template for f in fields):
@@ -251,6 +266,7 @@ def _write_gender_outputs(args, curves, ts, rows, kept, skipped, activities, ret
     write_json(result, output)
     plot_gender(curves, is_man, f"{Path(args.csv).name} — {args.model}", output.with_suffix(".png"))
     plot_retrieval(retrieval, output.with_name(output.stem + "_retrieval.png"))
+    plot_lean(lean, curves["t_star"], output.with_name(output.stem + "_lean.png"))
     return result
 
 
