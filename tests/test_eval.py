@@ -440,6 +440,28 @@ def test_retrieval_lean_by_hand_and_its_neutral_t():
     assert all(math.isnan(v) for v in out["lean"][1]) and math.isnan(out["t_neutral"][1])
 
 
+def test_lean_split_by_hand():
+    """3-D: "man" = e1, "woman" = e2, so g = (e2 − e1)/√2. Women e2, men e1 + e3 (normalised (e1 + e3)/√2):
+    d_x = (−1/√2, 1, −1/√2), g·d_x = 1/2 + 1/√2. Neutral caption n = (0, 0.6, 0.8): image lean n·d_x = 0.6 − 0.8/√2
+    = +0.034 (women first, barely); along = (n·g)(g·d_x) = (0.6/√2)(1/2 + 1/√2) = +0.512; the rest, −0.478, is read
+    through d_x − (g·d_x)g = (0.146, 0.146, −0.707), mostly e3, which the gendered captions do not see."""
+    from open_clip_po.eval.gender import lean_split
+
+    r2 = math.sqrt(2.0)
+    images = torch.tensor([[0.0, 1.0, 0.0], [0.0, 2.0, 0.0], [1.0, 0.0, 1.0], [3.0, 0.0, 3.0]], dtype=torch.float64)
+    is_man = torch.tensor([False, False, True, True])
+    activity = torch.zeros(4, dtype=torch.long)
+    e = torch.eye(3, dtype=torch.float64)
+    (row,) = lean_split(images, is_man, activity, e[:1], e[1:2], torch.tensor([[0.0, 0.6, 0.8]], dtype=torch.float64))
+    assert row["image_lean"] == pytest.approx(0.6 - 0.8 / r2)
+    assert row["along"] == pytest.approx((0.6 / r2) * (0.5 + 1 / r2))
+    assert row["rest"] == pytest.approx(0.6 * (1 - (0.5 + 1 / r2) / r2) - 0.8 / r2)
+    assert row["along"] > 0 > row["rest"]
+    # an activity with images of one gender only has no lean to split
+    (empty,) = lean_split(images[:2], is_man[:2], activity[:2], e[:1], e[1:2], e[2:])
+    assert math.isnan(empty["image_lean"])
+
+
 def _gender_csv(tmp_path):
     rng = random.Random(5)
     lines = ["image,gender,activity"]
@@ -476,6 +498,9 @@ def test_gender_cli_writes_curves_retrieval_and_plots(checkpoints, tmp_path, tin
     lean = result["retrieval_lean"]
     assert lean["prompts"] == ["an image of a cook"] and lean["images"] == ["all"] and lean["t"] == curves["t"]
     assert len(lean["lean"][0]) == 5
+    split = lean["split_t0"]   # per activity's neutral caption, whatever the retrieval prompts
+    assert [r["prompt"] for r in split] == ["The person is cooking", "The person is running"]
+    assert all(r["image_lean"] == pytest.approx(r["along"] + r["rest"]) for r in split)
     for label, rows in result["retrieval"].items():
         assert [r["prompt"] for r in rows] == ["an image of a cook"]
         assert rows[0]["men"] + rows[0]["women"] == rows[0]["k"] == 3

@@ -150,16 +150,21 @@ def lean_table(rows: list[dict]) -> list[str]:
         return []
     first = rows[0]["retrieval_lean"]
     base = first["t"].index(0.0) if 0.0 in first["t"] else None
+    split = {r["prompt"]: r for r in first.get("split_t0", [])}
     lines = ["", "Where retrieval turns neutral: a prompt's *lean* is (mean score of the women − mean score of the "
              "men) / their pooled standard deviation among the images of its activity (> 0: women first); each head "
              "makes it zero at its own t, which is nearer parity at t* only when it lies near t* (beyond t*/2 "
-             "for a lean linear in t).", "",
-             "| prompt | lean t=0 | " + " | ".join(f"{r['method']}: neutral at t (t* = {_f(r['t_star'])})"
-                                               for r in rows) + " |",
-             "|---|---:|" + "---:|" * len(rows)]
+             "for a lean linear in t). *Along* and *rest* split the pre-trained model's lean in cosine units "
+             "(n·d_x, d_x = mean image of the women − of the men): *along* is read through the direction from "
+             "\"The man is <a>\" to \"The woman is <a>\", which a flip learned from those captions cancels at t*; "
+             "*rest* through the part of d_x they do not see, which it leaves.", "",
+             "| prompt | lean t=0 | along | rest | " + " | ".join(f"{r['method']}: neutral at t (t* = "
+                                                              f"{_f(r['t_star'])})" for r in rows) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(rows)]
     for p, prompt in enumerate(first["prompts"]):
         lean0 = first["lean"][p][base] if base is not None else float("nan")
-        lines.append(f"| {prompt} | {_f(lean0)} | "
+        parts = split.get(prompt, {})
+        lines.append(f"| {prompt} | {_f(lean0)} | {_f(parts.get('along'))} | {_f(parts.get('rest'))} | "
                      + " | ".join(_f(r["retrieval_lean"]["t_neutral"][p]) for r in rows) + " |")
     return lines
 

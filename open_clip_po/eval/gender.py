@@ -148,6 +148,31 @@ def retrieval_lean(heads: dict, images: torch.Tensor, is_man: torch.Tensor, prom
                                                  else float("nan") for row in lean]}
 
 
+@torch.no_grad()
+def lean_split(images: torch.Tensor, is_man: torch.Tensor, activity: torch.Tensor, man_text: torch.Tensor,
+               woman_text: torch.Tensor, neutral_text: torch.Tensor) -> list[dict]:
+    """Per activity a, the base model's neutral caption split by how a head trained on the gendered captions sees it.
+
+    With d_x = mean normalised image of the women − of the men doing a, and g = the unit vector from "The man is a"
+    to "The woman is a" (normalised features), the neutral caption's image lean n·d_x is ``along`` = (n·g)(g·d_x),
+    the part read through the gendered captions' direction — what a flip learned from them cancels at t* — plus
+    ``rest``, read through the part of d_x the gendered captions do not see, which such a flip leaves in place.
+    When ``rest`` is large and of the other sign, retrieval at t* is reversed rather than made neutral."""
+    x = _normalize(images)
+    man, woman, neutral = _normalize(man_text), _normalize(woman_text), _normalize(neutral_text)
+    rows = []
+    for a in range(neutral.shape[0]):
+        women, men = x[(activity == a) & ~is_man], x[(activity == a) & is_man]
+        if len(women) == 0 or len(men) == 0:
+            rows.append({"image_lean": float("nan"), "along": float("nan"), "rest": float("nan")})
+            continue
+        d_x = women.mean(0) - men.mean(0)
+        g = _normalize(woman[a] - man[a])
+        lean, along = (neutral[a] @ d_x).item(), ((neutral[a] @ g) * (g @ d_x)).item()
+        rows.append({"image_lean": lean, "along": along, "rest": lean - along})
+    return rows
+
+
 def plot_gender(curves: dict, is_man: torch.Tensor, title: str, path) -> Path:
     fig, (left, right) = new_figure(WIDE_FIGSIZE, ncols=2)
     ts = curves["t"]
@@ -320,6 +345,8 @@ def run_gender(args) -> dict:
                           towers)
     lean["prompts"] = list(retrieval_prompts)
     lean["images"] = ["the activity's" if p in neutral_prompts else "all" for p in retrieval_prompts]
+    lean["split_t0"] = [{"prompt": p, **row} for p, row in zip(neutral_prompts, lean_split(images, is_man, activity,
+                                                                                         *captions))]
 
     result = _write_gender_outputs(args, curves, ts, rows, kept, encoded["skipped"], activities, retrieval, is_man,
                                    (weight, towers, images, activity, captions, scale), lean)
