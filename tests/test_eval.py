@@ -415,7 +415,7 @@ def test_retrieval_lean_by_hand_and_its_neutral_t():
     women 1 and 1/√2, men 0 and 1/√5: lean = (mean women − mean men) / pooled sd. The image head
     W_t = I + t(W − I), W = [[0, 1], [1, 0]] swaps the coordinates at t = 1, where the men score higher:
     the lean crosses zero in between."""
-    from open_clip_po.eval.gender import retrieval_lean
+    from open_clip_po.eval.gender_lean import retrieval_lean
 
     images = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
     is_man = torch.tensor([False, False, True, True])
@@ -445,7 +445,7 @@ def test_lean_split_by_hand():
     d_x = (−1/√2, 1, −1/√2), g·d_x = 1/2 + 1/√2. Neutral caption n = (0, 0.6, 0.8): image lean n·d_x = 0.6 − 0.8/√2
     = +0.034 (women first, barely); along = (n·g)(g·d_x) = (0.6/√2)(1/2 + 1/√2) = +0.512; the rest, −0.478, is read
     through d_x − (g·d_x)g = (0.146, 0.146, −0.707), mostly e3, which the gendered captions do not see."""
-    from open_clip_po.eval.gender import lean_split
+    from open_clip_po.eval.gender_lean import lean_split
 
     r2 = math.sqrt(2.0)
     images = torch.tensor([[0.0, 1.0, 0.0], [0.0, 2.0, 0.0], [1.0, 0.0, 1.0], [3.0, 0.0, 3.0]], dtype=torch.float64)

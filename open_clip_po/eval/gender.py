@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 
 from .errors import EvalError
+from .gender_lean import lean_split, plot_lean, retrieval_lean
 from .report import SINGLE_FIGSIZE, WIDE_FIGSIZE, new_figure, save_figure, write_csv, write_json
 
 # The defaults of open_clip_po.data.gender, so evaluation asks what training taught.
@@ -124,55 +125,6 @@ def retrieval_counts(weight_t: torch.Tensor | None, images: torch.Tensor, is_man
     return rows
 
 
-@torch.no_grad()
-def retrieval_lean(heads: dict, images: torch.Tensor, is_man: torch.Tensor, prompt_text: torch.Tensor,
-                   groups: Sequence[torch.Tensor], towers: str = "both") -> dict:
-    """How much each prompt's scores favour women over men, per t: among the images of ``groups[p]`` (a mask; for
-    an activity prompt, the images of that activity), (mean score of the women − mean of the men) / the pooled
-    standard deviation. Graded where the top-k's mix jumps; it is zero where retrieval is gender-neutral, and
-    ``t_neutral`` is where each prompt's lean crosses zero (NaN if it does not on the grid)."""
-    from .features import apply_head, text_side
-
-    ts = list(heads)
-    lean = [[] for _ in groups]
-    for t in ts:
-        scores = apply_head(prompt_text, text_side(heads[t], towers)) @ apply_head(images, heads[t]).T   # [P, N]
-        for p, mask in enumerate(groups):
-            women, men = scores[p][mask & ~is_man], scores[p][mask & is_man]
-            if len(women) < 2 or len(men) < 2:
-                lean[p].append(float("nan"))
-                continue
-            pooled = ((women.var() + men.var()) / 2).sqrt().clamp_min(1e-12)
-            lean[p].append(((women.mean() - men.mean()) / pooled).item())
-    return {"t": ts, "lean": lean, "t_neutral": [find_crossing(ts, row) if all(map(math.isfinite, row))
-                                                 else float("nan") for row in lean]}
-
-
-@torch.no_grad()
-def lean_split(images: torch.Tensor, is_man: torch.Tensor, activity: torch.Tensor, man_text: torch.Tensor,
-               woman_text: torch.Tensor, neutral_text: torch.Tensor) -> list[dict]:
-    """Per activity a, the base model's neutral caption split by how a head trained on the gendered captions sees it.
-
-    With d_x = mean normalised image of the women − of the men doing a, and g = the unit vector from "The man is a"
-    to "The woman is a" (normalised features), the neutral caption's image lean n·d_x is ``along`` = (n·g)(g·d_x),
-    the part read through the gendered captions' direction — what a flip learned from them cancels at t* — plus
-    ``rest``, read through the part of d_x the gendered captions do not see, which such a flip leaves in place.
-    When ``rest`` is large and of the other sign, retrieval at t* is reversed rather than made neutral."""
-    x = _normalize(images)
-    man, woman, neutral = _normalize(man_text), _normalize(woman_text), _normalize(neutral_text)
-    rows = []
-    for a in range(neutral.shape[0]):
-        women, men = x[(activity == a) & ~is_man], x[(activity == a) & is_man]
-        if len(women) == 0 or len(men) == 0:
-            rows.append({"image_lean": float("nan"), "along": float("nan"), "rest": float("nan")})
-            continue
-        d_x = women.mean(0) - men.mean(0)
-        g = _normalize(woman[a] - man[a])
-        lean, along = (neutral[a] @ d_x).item(), ((neutral[a] @ g) * (g @ d_x)).item()
-        rows.append({"image_lean": lean, "along": along, "rest": lean - along})
-    return rows
-
-
 def plot_gender(curves: dict, is_man: torch.Tensor, title: str, path) -> Path:
     fig, (left, right) = new_figure(WIDE_FIGSIZE, ncols=2)
     ts = curves["t"]
@@ -216,21 +168,6 @@ def plot_retrieval(retrieval: dict, path) -> Path:
     ax.set_ylabel(f"women among top-{retrieval[labels[0]][0]['k']}")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
-def plot_lean(lean: dict, t_star: float, path) -> Path:
-    """Each prompt's retrieval lean over t (0: gender-neutral retrieval), with t*."""
-    fig, ax = new_figure(SINGLE_FIGSIZE)
-    for prompt, row in zip(lean["prompts"], lean["lean"]):
-        ax.plot(lean["t"], row, "o-", ms=3, label=prompt)
-    ax.axhline(0.0, color="gray", linewidth=1)
-    if math.isfinite(t_star):
-        ax.axvline(t_star, color="gray", linestyle=":", label=f"t* = {t_star:.3f}")
-    ax.set_xlabel("t")
-    ax.set_ylabel("lean: (women − men) mean score / pooled sd")
-    ax.legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, path)
 
