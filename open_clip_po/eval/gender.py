@@ -198,7 +198,7 @@ def _retrieval_at_key_ts(t_star, weight, images, is_man, prompt_features, prompt
 
 def _write_gender_outputs(args, curves, ts, rows, kept, skipped, activities, retrieval, is_man, scoring,
                           lean) -> dict:
-    """The curves' CSV, the per-image CSV, the JSON and the two PNGs beside ``args.output``; returns the JSON."""
+    """The curves' CSV, the per-image CSV, the JSON and the three PNGs beside ``args.output``; returns the JSON."""
     from .sweep import scaled_heads
 
     weight, towers, images, activity, captions, scale = scoring
@@ -233,7 +233,7 @@ def _write_gender_outputs(args, curves, ts, rows, kept, skipped, activities, ret
 
 
 def run_gender(args) -> dict:
-    """The ``gender`` subcommand: JSON + CSV of the curves, per-image CSV, and two PNGs."""
+    """The ``gender`` subcommand: JSON + CSV of the curves, per-image CSV, and three PNGs."""
     import open_clip
 
     from .data import EvalSet, FolderDataset
