@@ -126,7 +126,6 @@ def plot_leans(rows: list[dict], path: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [r for r in rows if r.get("retrieval_lean")]
     fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 3.8), squeeze=False, sharey=True)
     for ax, row in zip(axes[0], rows):
         lean = row["retrieval_lean"]
@@ -145,9 +144,6 @@ def plot_leans(rows: list[dict], path: Path) -> Path:
 
 def lean_table(rows: list[dict]) -> list[str]:
     """Markdown: per activity prompt, its retrieval lean at t = 0 and the t where each head makes it neutral."""
-    rows = [r for r in rows if r.get("retrieval_lean")]
-    if not rows:
-        return []
     first = rows[0]["retrieval_lean"]
     base = first["t"].index(0.0) if 0.0 in first["t"] else None
     split = {r["prompt"]: r for r in first.get("split_t0", [])}
@@ -181,6 +177,7 @@ def _yes(ok: bool) -> str:
 def write_gender_report(out: Path, *, cfg: dict, counts: dict, rows: list[dict], scaled: dict, pretrained: str,
                         timings: dict) -> dict:
     done = [r for r in rows if "curves" in r]
+    leaning = [r for r in done if r.get("retrieval_lean")]   # runs whose evaluation measured the retrieval lean
     targets = {r["method"]: check_gender_targets(r) for r in done}
     report = {"task": "gender_flip_demo",
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
@@ -191,8 +188,8 @@ def write_gender_report(out: Path, *, cfg: dict, counts: dict, rows: list[dict],
     if done:
         plot_flip(done, out / "flip.png")
         plot_retrieval_mix(done, out / "retrieval.png")
-        if any(r.get("retrieval_lean") for r in done):
-            plot_leans(done, out / "lean.png")
+        if leaning:
+            plot_leans(leaning, out / "lean.png")
     lines = [
         "# open_clip_po demo: flipping a CLIP's reading of gender with a linear head",
         "",
@@ -230,9 +227,8 @@ def write_gender_report(out: Path, *, cfg: dict, counts: dict, rows: list[dict],
                      f"monotonically in t (no rise > {NOISE_SES:g} standard errors) {_yes(t['monotone'])}; "
                      f"neutral t* in (0, 1) {_yes(t['neutral_t_in_0_1'])}; retrieval nearer parity at t* for most "
                      f"prompts {_yes(t['retrieval_nearer_parity'])}.")
-    lines += lean_table(done)
-    if any(r.get("retrieval_lean") for r in done):
-        lines += ["", "![lean over t](lean.png)"]
+    if leaning:
+        lines += lean_table(leaning) + ["", "![lean over t](lean.png)"]
     if done:
         lines += ["", "Own vs flipped gender over t (Fig. 3; dotted lines: t*):", "", "![flip](flip.png)", "",
                   "Women among the top-k images for \"The person is <activity>\" at t = 0, t*, 1 (Fig. 4):", "",

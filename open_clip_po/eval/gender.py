@@ -18,7 +18,6 @@ from typing import Sequence
 import torch
 
 from .errors import EvalError
-from .gender_lean import lean_split, plot_lean, retrieval_lean
 from .report import SINGLE_FIGSIZE, WIDE_FIGSIZE, new_figure, save_figure, write_csv, write_json
 
 # The defaults of open_clip_po.data.gender, so evaluation asks what training taught.
@@ -61,10 +60,6 @@ def read_gender_csv(path: str, images_root: str | None = None) -> list[dict]:
     if len({r["gender"] for r in rows}) < 2:
         raise EvalError(f"{path} has images of one gender only; the flip needs both")
     return rows
-
-
-def _normalize(x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.normalize(x, dim=-1)
 
 
 @torch.no_grad()
@@ -199,6 +194,7 @@ def _retrieval_at_key_ts(t_star, weight, images, is_man, prompt_features, prompt
 def _write_gender_outputs(args, curves, ts, rows, kept, skipped, activities, retrieval, is_man, scoring,
                           lean) -> dict:
     """The curves' CSV, the per-image CSV, the JSON and the three PNGs beside ``args.output``; returns the JSON."""
+    from .gender_lean import plot_lean
     from .sweep import scaled_heads
 
     weight, towers, images, activity, captions, scale = scoring
@@ -239,6 +235,7 @@ def run_gender(args) -> dict:
     from .data import EvalSet, FolderDataset
     from .features import (PromptFeatures, base_encoders, encode_images, head_towers, head_weight, load_eval_model,
                            logit_scale)
+    from .gender_lean import lean_split, retrieval_lean
     from .sweep import parse_t_values, scaled_heads
 
     _check_templates(args.caption, args.neutral_caption)
@@ -271,15 +268,15 @@ def run_gender(args) -> dict:
     images, scale = encoded["features"], logit_scale(model)
     captions = (prompts.raw(man_prompts), prompts.raw(woman_prompts), prompts.raw(neutral_prompts))
     towers = head_towers(model)
-    curves = gender_curves(scaled_heads(weight, ts, towers), images, is_man, activity, *captions, scale, towers)
+    heads = scaled_heads(weight, ts, towers)
+    curves = gender_curves(heads, images, is_man, activity, *captions, scale, towers)
 
     retrieval = _retrieval_at_key_ts(curves["t_star"], weight, images, is_man, prompts.raw(retrieval_prompts),
                                      retrieval_prompts, args.top_k, towers)
     # an activity's neutral caption is weighed among that activity's images, any other prompt among all images
     groups = [activity == neutral_prompts.index(p) if p in neutral_prompts
               else torch.ones_like(is_man) for p in retrieval_prompts]
-    lean = retrieval_lean(scaled_heads(weight, ts, towers), images, is_man, prompts.raw(retrieval_prompts), groups,
-                          towers)
+    lean = retrieval_lean(heads, images, is_man, prompts.raw(retrieval_prompts), groups, towers)
     lean["prompts"] = list(retrieval_prompts)
     lean["images"] = ["the activity's" if p in neutral_prompts else "all" for p in retrieval_prompts]
     lean["split_t0"] = [{"prompt": p, **row} for p, row in zip(neutral_prompts, lean_split(images, is_man, activity,

@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .gender import find_crossing
 from .report import SINGLE_FIGSIZE, new_figure, save_figure
 
 
@@ -41,8 +42,6 @@ def retrieval_lean(heads: dict, images: torch.Tensor, is_man: torch.Tensor, prom
                 continue
             pooled = ((women.var() + men.var()) / 2).sqrt().clamp_min(1e-12)
             lean[p].append(((women.mean() - men.mean()) / pooled).item())
-    from .gender import find_crossing   # imported here: gender imports this module
-
     return {"t": ts, "lean": lean, "t_neutral": [find_crossing(ts, row) if all(map(math.isfinite, row))
                                                  else float("nan") for row in lean]}
 
