@@ -336,6 +336,26 @@ def test_check_gender_targets_by_hand():
                 or bad["retrieval_nearer_parity"])
 
 
+def test_lean_nearer_parity_by_hand():
+    """The lean at t* is read linearly between grid points; a lean as large on the other side, or unmeasured
+    (null), is not nearer parity; and the target needs the lean to agree with the top-k counts."""
+    from open_clip_po.demo.gender_report import check_gender_targets, lean_nearer_parity
+    lean = {"t": [-1.0, 0.0, 0.5, 1.0], "prompts": ["a", "b", "c"],
+            "lean": [[3.0, 2.0, 0.0, -2.0],     # at t = 0.25: 1.0, half of t = 0's
+                     [1.0, 1.0, -3.0, -5.0],    # at t = 0.25: -1.0, as far on the other side
+                     [0.0, -1.0, None, 1.0]]}   # not measured at t = 0.5
+    assert lean_nearer_parity(lean, 0.25) == (1, 3)
+    assert lean_nearer_parity(lean, 0.5) == (1, 3)          # a: 0.0 at the grid point itself
+    assert lean_nearer_parity(lean, float("nan")) == (0, 3) and lean_nearer_parity(lean, 1.5) == (0, 3)
+    # all 10 women at t = 0 and 1 at t*: nearer by the count, but the lean says retrieval went further the other way
+    row = _gender_row([0.97, 0.9, 0.5, 0.1], [0.9] * 4, [1.0], [0.1])
+    assert check_gender_targets(row)["retrieval_nearer_parity"]
+    row["retrieval_lean"] = {"t": [-1.0, 0.0, 0.5, 1.0], "prompts": ["p"], "lean": [[3.0, 2.0, -2.5, -3.0]]}
+    t = check_gender_targets(row)
+    assert (t["prompts_nearer_parity"], t["prompts_lean_nearer_parity"]) == (1, 0)
+    assert not t["retrieval_nearer_parity"]
+
+
 def test_gender_cli_help_and_bad_input(tmp_path):
     out = subprocess.run([sys.executable, "-m", "open_clip_po.demo", "gender", "--help"], capture_output=True,
                          text=True)
@@ -343,6 +363,11 @@ def test_gender_cli_help_and_bad_input(tmp_path):
     out = subprocess.run([sys.executable, "-m", "open_clip_po.demo", "gender", "--out", str(tmp_path / "d"),
                           "--methods", "dpo,sft"], capture_output=True, text=True)
     assert out.returncode == 2 and "sft" in out.stderr and out.stderr.strip().count("\n") == 0
+    for bad in ("1.5", "nan", "half"):
+        out = subprocess.run([sys.executable, "-m", "open_clip_po.demo", "gender", "--out", str(tmp_path / "d"),
+                              "--neutral-share", bad], capture_output=True, text=True)
+        assert out.returncode == 2 and "a share must be a number in [0, 1]" in out.stderr
+    assert not (tmp_path / "d").exists()
     out = subprocess.run([sys.executable, "-m", "open_clip_po.demo", "gender", "--out", str(tmp_path / "d"),
                           "--methods", "none", "--paper-methods", "none"], capture_output=True, text=True)
     assert out.returncode == 2 and "no head to train" in out.stderr and out.stderr.strip().count("\n") == 0
@@ -394,3 +419,16 @@ def test_quick_gender_demo_end_to_end(tmp_path):
         assert stage in commands, stage
     assert "--po-beta 1 --po-reg-lambda 1" in commands
     assert any((out / "runs" / "scaled").glob("dpo-image-head.t1.pt"))
+
+
+def test_gender_cli_shares_reach_the_world(tmp_path, monkeypatch):
+    """--neutral-share / --hidden-share set the world's config; left out, the defaults stay."""
+    import open_clip_po.demo.gender_run as gender_run
+    from open_clip_po.demo.gender_cli import gender_main
+    seen = []
+    monkeypatch.setattr(gender_run, "run_gender_demo", lambda cfg, out, **kw: seen.append(cfg) or {"targets": {}})
+    assert gender_main(["--out", str(tmp_path / "a"), "--neutral-share", "0.2", "--hidden-share", "0"]) == 0
+    assert gender_main(["--out", str(tmp_path / "b")]) == 0
+    assert (seen[0].neutral_share, seen[0].hidden_share) == (0.2, 0.0)
+    defaults = gender_run.GenderConfig()
+    assert (seen[1].neutral_share, seen[1].hidden_share) == (defaults.neutral_share, defaults.hidden_share)

@@ -5,7 +5,9 @@
 1. builds a world of people doing activities: men (short hair, trousers) and women (long hair, a dress) doing one of
    six activities shown by drawn objects, on varied backgrounds, captioned "The man/woman is <activity>" with the
    activities unevenly split between genders (as web data is), the object out of frame in 30 % of the
-   pre-training images (gender is then the only hint of the activity);
+   pre-training images (gender is then the only hint of the activity; --hidden-share) and no caption saying
+   "The person is <activity>" (--neutral-share adds them: their lean is then the image tower's, which the flip
+   misses — README, "The gender demo");
 2. pre-trains ``po-small`` on it with open_clip's own trainer (``open_clip_train.main``, launched as
    ``python -m open_clip_po.main`` so that its shuffles follow ``--seed``), so it reads gender and is biased in
    retrieval;
@@ -51,11 +53,27 @@ def build_gender_parser() -> argparse.ArgumentParser:
                         "--quick: none)")
     p.add_argument("--t", default=None,
                    help=f"grid of t for the evaluation, start:stop:step (default: {GenderConfig().t_grid})")
+    p.add_argument("--neutral-share", type=_share, default=None,
+                   help="share of pre-training captions \"The person is <activity>\" (default: "
+                        f"{GenderConfig().neutral_share:g})")
+    p.add_argument("--hidden-share", type=_share, default=None,
+                   help="share of pre-training images with the activity's object out of frame (default: "
+                        f"{GenderConfig().hidden_share:g})")
     p.add_argument("--seed", type=int, default=0, help="seed of the world and of every run (default: 0)")
     p.add_argument("--threads", type=int, default=None,
                    help="OMP_NUM_THREADS for the subprocesses (default: the environment's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:   # NaN fails too
+        raise argparse.ArgumentTypeError(f"a share must be a number in [0, 1], got {text!r}")
+    return value
 
 
 def gender_main(argv) -> int:
@@ -66,6 +84,8 @@ def gender_main(argv) -> int:
     _setup_logging()
     cfg = quick_gender_config() if args.quick else full_gender_config()
     cfg = dataclasses.replace(cfg, seed=args.seed, t_grid=args.t or cfg.t_grid)
+    shares = {"neutral_share": args.neutral_share, "hidden_share": args.hidden_share}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in shares.items() if v is not None})
     if args.methods is not None or args.paper_methods is not None:
         defaults = {"--methods": [m.loss for m in cfg.methods if "--po-head-towers" in m.flags],
                     "--paper-methods": [m.loss for m in cfg.methods if "--po-head-towers" not in m.flags]}

@@ -43,6 +43,26 @@ def nearer_parity(retrieval: dict) -> tuple[int, int]:
     return wins, len(base)
 
 
+def lean_nearer_parity(lean: dict, t_star: float) -> tuple[int, int]:
+    """For how many prompts the retrieval lean at t* (linear between grid points) is smaller in size than at
+    t = 0; of how many. The graded twin of ``nearer_parity``: a top-k that holds only women at t = 0 counts as nearer
+    parity with one man in it, even when every other place went to men too."""
+    ts = lean["t"]
+    if not math.isfinite(t_star) or 0.0 not in ts or not ts[0] <= t_star <= ts[-1]:
+        return 0, len(lean["prompts"])
+    j = next(i for i in range(1, len(ts)) if ts[i] >= t_star)
+    w = (t_star - ts[j - 1]) / (ts[j] - ts[j - 1])
+    wins = 0
+    for curve in lean["lean"]:
+        at_star = (1 - w) * _num(curve[j - 1]) + w * _num(curve[j])
+        wins += abs(at_star) < abs(_num(curve[ts.index(0.0)]))   # NaN compares false: not nearer
+    return wins, len(lean["prompts"])
+
+
+def _num(x) -> float:
+    return float("nan") if x is None else float(x)   # the JSON writes NaN as null
+
+
 def check_gender_targets(row: dict) -> dict:
     """The acceptance targets for one objective's head, from its curves and retrieval counts."""
     c = row["curves"]
@@ -51,6 +71,8 @@ def check_gender_targets(row: dict) -> dict:
     rise, noise = largest_rise(c)
     wins, prompts = nearer_parity(row["retrieval"])
     t_star = row["t_star"]
+    # the lean, where the evaluation measured it, must agree with the top-k counts
+    lean_wins, _ = lean_nearer_parity(row["retrieval_lean"], t_star) if row.get("retrieval_lean") else (None, 0)
     return {
         "own_gender_t0": own0, "reads_gender": own0 >= TARGET_READS,
         "own_gender_t1": own1, "flipped_choice_t1": at_t(c, "flipped_choice", 1.0),
@@ -58,7 +80,8 @@ def check_gender_targets(row: dict) -> dict:
         "activity_t0": act0, "activity_t1": act1, "activity_kept": act0 - act1 <= TARGET_ACTIVITY_DROP,
         "largest_rise": rise, "rise_noise": noise, "monotone": rise <= noise,
         "t_star": t_star, "neutral_t_in_0_1": math.isfinite(t_star) and 0.0 < t_star < 1.0,
-        "prompts_nearer_parity": wins, "prompts": prompts, "retrieval_nearer_parity": wins * 2 > prompts,
+        "prompts_nearer_parity": wins, "prompts": prompts, "prompts_lean_nearer_parity": lean_wins,
+        "retrieval_nearer_parity": wins * 2 > prompts and (lean_wins is None or lean_wins * 2 > prompts),
     }
 
 
@@ -174,6 +197,16 @@ def _yes(ok: bool) -> str:
     return "**met**" if ok else "**not met**"
 
 
+def _world_note(counts: dict) -> str:
+    """" (N of them ..., the object out of frame in M)" for the pre-training counts, or "" without them."""
+    pre = counts.get("pretrain", {})
+    notes = [f"{pre['neutral captions']} of them \"The person is <activity>\"" if pre.get("neutral captions") else "",
+             f"the activity's object out of frame in {pre['activity out of frame']}"
+             if pre.get("activity out of frame") else ""]
+    notes = [n for n in notes if n]
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
 def write_gender_report(out: Path, *, cfg: dict, counts: dict, rows: list[dict], scaled: dict, pretrained: str,
                         timings: dict) -> dict:
     done = [r for r in rows if "curves" in r]
@@ -194,8 +227,8 @@ def write_gender_report(out: Path, *, cfg: dict, counts: dict, rows: list[dict],
         "# open_clip_po demo: flipping a CLIP's reading of gender with a linear head",
         "",
         f"A `{cfg['model']}` CLIP pre-trained with open_clip's trainer on {cfg['pretrain_images']} pictures of men and "
-        "women doing six activities, captioned \"The man/woman is <activity>\" with the activities unevenly split "
-        "between genders. Linear heads W are trained (β = λ = 1) on triplets from "
+        "women doing six activities, captioned \"The man/woman is <activity>\"" + _world_note(counts) + " with the "
+        "activities unevenly split between genders. Linear heads W are trained (β = λ = 1) on triplets from "
         "`python -m open_clip_po.data.gender` (y_w = the flipped-gender caption, y_l = the original, D_reg = "
         "\"The person is <activity>\"): an *image head* per objective (`--po-head-towers image`: similarity "
         "(Wx)ᵀy, scaled W_t = I + t(W − I)) and the *paper head* (both towers: xᵀWᵀWy, scaled W_t = UΣ^tVᵀ), "
@@ -204,7 +237,8 @@ def write_gender_report(out: Path, *, cfg: dict, counts: dict, rows: list[dict],
         "and women per activity). *Own* = mean probability of the image's own gender in the choice between "
         "\"The man is <a>\" and \"The woman is <a>\"; *flipped* = share of images where the other gender wins; "
         "*activity* = top-1 with the neutral captions; *parity* = activity prompts whose top-k at t* is nearer "
-        "50/50 women than at t = 0.",
+        "50/50 women than at t = 0 (in brackets: whose retrieval lean, below, is smaller in size at t* than at "
+        "t = 0; the target asks both for most prompts).",
         "",
         "| objective | own t=0 | own t=1 | flipped t=1 (%) | activity t=0 (%) | activity t=1 (%) | t* | "
         "largest rise (noise) | parity at t* |",
@@ -218,7 +252,9 @@ def write_gender_report(out: Path, *, cfg: dict, counts: dict, rows: list[dict],
         lines.append(f"| {r['method']} | {_f(t['own_gender_t0'])} | {_f(t['own_gender_t1'])} | "
                      f"{_f(t['flipped_choice_t1'], True)} | {_f(t['activity_t0'], True)} | "
                      f"{_f(t['activity_t1'], True)} | {_f(t['t_star'])} | {t['largest_rise']:+.3f} "
-                     f"({t['rise_noise']:.3f}) | {t['prompts_nearer_parity']}/{t['prompts']} |")
+                     f"({t['rise_noise']:.3f}) | {t['prompts_nearer_parity']}/{t['prompts']}"
+                     + (f" ({t['prompts_lean_nearer_parity']}/{t['prompts']})"
+                        if t["prompts_lean_nearer_parity"] is not None else "") + " |")
     lines += ["", "Targets:"]
     for m, t in targets.items():
         lines.append(f"- {m}: pre-trained reads gender (own ≥ {TARGET_READS}) {_yes(t['reads_gender'])}; "
