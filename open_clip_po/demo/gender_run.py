@@ -45,10 +45,13 @@ class GenderConfig:
     model: str = "po-small"
     image_size: int = 64
     pretrain_images: int = 6000          # gender-skewed, captioned
-    neutral_share: float = 0.2           # share of pre-training captions that leave gender out
+    # share of pre-training captions "The person is <activity>"; none by default, so the neutral captions' gender
+    # lean is the text tower's (where "person" lands between "man" and "woman"), the kind a flip learned from the
+    # gendered captions cancels; pre-trained on images, their lean is the image tower's and the flip misses it
+    neutral_share: float = 0.0
     # share of pre-training images whose activity object is out of frame: there gender is the only hint of the
-    # activity, so pre-training ties the captions' activities to gender as web data does; without it the object
-    # always tells the activity and the neutral captions learn no gender lean of the data's sign
+    # activity, so pre-training ties the captions' activities to gender as web data does (and, here, the neutral
+    # captions' lean grows from at most 2 pooled sd to 4-8)
     hidden_share: float = 0.3
     pretrain_epochs: int = 3
     pretrain_batch_size: int = 128

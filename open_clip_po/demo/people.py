@@ -6,13 +6,12 @@ and trousers (two legs); a woman has long hair and a flared dress. Clothes, skin
 independently of gender, so the silhouette is the cue. The activity is shown by an object beside the figure
 (a pot on a stove for cooking, a ball for playing football, ...), on the left or the right.
 
-Pre-training captions are "The man is <activity>" / "The woman is <activity>" (and, for a share of the images,
-"The person is <activity>", as web captions sometimes leave gender out). As on the web, activities are unevenly
-split between genders (``WOMEN_SHARE``), so a CLIP trained on it reads gender and is biased in retrieval; the
-held-out images are balanced, so the bias measured there is the model's, not the data's. In a share of the
-pre-training images the activity's object is out of frame (the caption still names the activity): there gender is
-the only hint, so the model learns to take it as evidence of the activity, which is what biases retrieval with the
-data's sign — when the object always shows, the activity never needs gender and a neutral caption's lean is noise.
+Pre-training captions are "The man is <activity>" / "The woman is <activity>" (optionally, for a share of the
+images, "The person is <activity>"). As on the web, activities are unevenly split between genders
+(``WOMEN_SHARE``), so a CLIP trained on it reads gender and ties activities to it; the held-out images are balanced,
+so the bias measured there is the model's, not the data's. In a share of the pre-training images the activity's
+object is out of frame (the caption still names the activity): there gender is the only hint, so the model learns
+to take it as evidence of the activity, as web photos whose caption says more than they show teach it.
 """
 from __future__ import annotations
 
