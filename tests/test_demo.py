@@ -356,6 +356,14 @@ def test_lean_nearer_parity_by_hand():
     assert not t["retrieval_nearer_parity"]
 
 
+def test_gender_report_names_the_worlds_neutral_captions_and_hidden_objects():
+    from open_clip_po.demo.gender_report import _world_note
+    assert _world_note({"pretrain": {"neutral captions": 0, "activity out of frame": 0}}) == ""
+    assert _world_note({"test": 720}) == ""
+    both = _world_note({"pretrain": {"neutral captions": 3, "activity out of frame": 5}})
+    assert both == ' (3 of them "The person is <activity>"; the activity\'s object out of frame in 5 images)'
+
+
 def test_gender_cli_help_and_bad_input(tmp_path):
     out = subprocess.run([sys.executable, "-m", "open_clip_po.demo", "gender", "--help"], capture_output=True,
                          text=True)
