@@ -201,10 +201,11 @@ def _world_note(counts: dict) -> str:
     """What the report's first sentence adds in brackets about the pre-training captions: how many are neutral and
     how many images leave the activity's object out of frame ("" when none)."""
     pre = counts.get("pretrain", {})
-    notes = [f"{pre['neutral captions']} of them \"The person is <activity>\"" if pre.get("neutral captions") else "",
-             f"the activity's object out of frame in {pre['activity out of frame']} images"
-             if pre.get("activity out of frame") else ""]
-    notes = [n for n in notes if n]
+    notes = []
+    if pre.get("neutral captions"):
+        notes.append(f"{pre['neutral captions']} of them \"The person is <activity>\"")
+    if pre.get("activity out of frame"):
+        notes.append(f"the activity's object out of frame in {pre['activity out of frame']} images")
     return f" ({'; '.join(notes)})" if notes else ""
 
 
