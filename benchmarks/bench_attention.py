@@ -1,5 +1,5 @@
 """A frozen model's forward under bf16 autocast, with its self-attention laid out as the policy's forward lays it
-out (``open_clip_po.attention_layout``: what the online reference, the reference-cache builder and linear-head
+out (``open_clip_po.towers.attention_layout``: what the online reference, the reference-cache builder and linear-head
 mode's frozen backbone run) against plain open_clip on the same weights and inputs, measured in one run.
 
 Both do the same arithmetic (the FLOP ratio, counted with ``FlopCounterMode``, is the limit: 1.00); plain open_clip
@@ -30,7 +30,7 @@ def run(quick: bool = False) -> list[dict]:
     import torch
 
     import open_clip
-    from open_clip_po.attention_layout import contiguous_attention_under_autocast
+    from open_clip_po.towers.attention_layout import contiguous_attention_under_autocast
 
     model_name, repeats = (QUICK_MODEL, 3) if quick else (MODEL, 5)
     torch.manual_seed(0)

@@ -38,7 +38,7 @@ def _checkpoint(model, W, with_optimizer: bool) -> dict:
 def _time_surgery(path: Path, out: Path, repeats: int) -> tuple[float, list[float], dict]:
     """Median wall time of the CLI plus one run split into load / fold / save."""
     from open_clip_po.checkpoint import atomic_save, load_checkpoint, model_weights
-    from open_clip_po.svd_scale import fold_head, main, scale_head
+    from open_clip_po.surgery.cli import fold_head, main, scale_head
 
     times = []
     for _ in range(repeats):

@@ -6,7 +6,7 @@
   captions it is warm (they do);
 - captions are shaped like PO's: the start token 49406, 4–18 random word tokens, the end token 49407, zero
   padding. The PO model is set up as a PO run sets it up: its text tower (and its reference's) runs over each
-  batch's caption span (``open_clip_po.text_span``). The CLIP baseline is open_clip's model as open_clip builds it,
+  batch's caption span (``open_clip_po.towers.text_span``). The CLIP baseline is open_clip's model as open_clip builds it,
   its ClipLoss step over all ``context_length`` positions. One row keeps captions that fill the whole context
   (start token, words, end token at the last position), where no span is shorter than the context: the structural
   cost of a PO step, 2B full-length captions where CLIP encodes B;
@@ -84,8 +84,8 @@ def _setup(mode: str, batch: int = BATCH, model_name: str = MODEL, class_caption
     from open_clip_po.criterion import POCriterion, POSettings
     from open_clip_po.head import attach_linear_head
     from open_clip_po.losses import get_loss
-    from open_clip_po.reference import Reference
-    from open_clip_po.text_span import caption_span, run_text_over_caption_span
+    from open_clip_po.reference import make_reference
+    from open_clip_po.towers.text_span import caption_span, run_text_over_caption_span
 
     torch.manual_seed(0)
     model = open_clip.create_model(model_name, output_dict=True)
@@ -99,7 +99,7 @@ def _setup(mode: str, batch: int = BATCH, model_name: str = MODEL, class_caption
     if class_captions:  # typographic data: y_w and y_l are class templates, so captions repeat in a batch
         prompts = po_captions(class_captions, model.context_length, g, full_context)
         chosen, rejected = prompts[torch.randint(class_captions, (2, batch), generator=g)]
-    reference = Reference.copy_of(model, shares_text=(mode == "lock_text"))
+    reference = make_reference(copy.deepcopy(model), shares_text=(mode == "lock_text"))
     keys = [f"bench/{i}" for i in range(batch)]
     if cached:
         reference = _in_memory_cache(reference.model, images, torch.cat([chosen, rejected]), keys)
@@ -109,7 +109,7 @@ def _setup(mode: str, batch: int = BATCH, model_name: str = MODEL, class_caption
     if mode == "head":
         model.requires_grad_(False)
         attach_linear_head(model).requires_grad_(True)
-        reference = Reference(None, is_base_of_head=True)
+        reference = make_reference(is_base_of_head=True)
     criterion = POCriterion(get_loss("dpo"), reference, POSettings(reg_lambda=0.0))
     clip_loss = open_clip.ClipLoss()
     opt, clip_opt = (torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
@@ -228,7 +228,7 @@ def _under_autocast(step, precision: str):
 
 
 BF16_REFERENCE_NOTE = ("the online reference's attention runs the policy's GEMMs under autocast "
-                       "(open_clip_po/attention_layout.py; docs/training.md)")
+                       "(open_clip_po/towers/attention_layout.py; docs/training.md)")
 
 
 def amp_bf16_row(model_name: str, repeats: int) -> dict:

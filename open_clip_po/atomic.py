@@ -1,5 +1,7 @@
 """Atomic file writes: a half-written file never carries its final name (checkpoints, shards, reports, plots).
 
+``write_bytes`` / ``write_text`` / ``write_json`` / ``write_csv`` are the one way results reach a file.
+
 A temporary file is named ``.NAME.PID@HOST.RANDOM.tmp`` beside its target, so that leftovers of a killed writer
 can be told from files still being written: ``remove_stale_temp_files(folder)`` deletes those whose writer no
 longer runs on this host.
@@ -7,19 +9,19 @@ longer runs on this host.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
+import json
 import logging
+import math
 import os
 import re
 import socket
 import tempfile
-import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, Sequence
 
-# Temporary names from before writers recorded their PID carry none; such a file untouched this long is stale.
-LEGACY_TEMP_AGE = 3600.0
 _TEMP_NAME = re.compile(r"^\..+\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9-]+)\.[A-Za-z0-9_]+\.tmp$")
-_LEGACY_TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
 
 
 def this_host() -> str:
@@ -77,28 +79,46 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return write_bytes(path, text.encode("utf-8"))
 
 
-def remove_stale_temp_files(folder: str | os.PathLike, legacy_age: float = LEGACY_TEMP_AGE) -> list[Path]:
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN; null reads as "not defined" (e.g. no crossing)
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_json(obj, path: str | os.PathLike, indent: int = 2, sort_keys: bool = False) -> Path:
+    """``obj`` as JSON (non-finite floats as null; anything else JSON cannot hold as its ``str``)."""
+    return write_text(path, json.dumps(_json_safe(obj), indent=indent, sort_keys=sort_keys, default=str) + "\n")
+
+
+def write_csv(rows: Sequence[dict], path: str | os.PathLike, columns: Iterable[str] | None = None) -> Path:
+    columns = list(columns or (rows[0].keys() if rows else []))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text(path, buffer.getvalue())
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
     """Delete the temporary files of killed writers in ``folder`` (not recursive); return what was deleted.
 
-    A temporary file is stale when its writer (``PID@HOST`` in its name) no longer runs on this host; one
-    without that tag (written before tags existed) when untouched for ``legacy_age`` seconds. Files of writers
-    on other hosts are left alone: their liveness cannot be checked from here.
+    A temporary file is stale when its writer (``PID@HOST`` in its name) no longer runs on this host. Files of
+    writers on other hosts are left alone: their liveness cannot be checked from here.
     """
     folder = Path(folder)
     removed = []
     if not folder.is_dir():
         return removed
-    now = time.time()
     for path in folder.iterdir():
         if not path.name.startswith(".") or not path.name.endswith(".tmp") or not path.is_file():
             continue
         tagged = _TEMP_NAME.match(path.name)
         try:
-            if tagged:
-                stale = is_stale(int(tagged["pid"]), tagged["host"])
-            else:
-                stale = bool(_LEGACY_TEMP_NAME.match(path.name)) and now - path.stat().st_mtime > legacy_age
-            if stale:
+            if tagged and is_stale(int(tagged["pid"]), tagged["host"]):
                 path.unlink()
                 removed.append(path)
         except FileNotFoundError:

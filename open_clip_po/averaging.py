@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from .unwrap import unwrap
+from .towers.unwrap import unwrap
 
 
 def beta_pdf(x: float, gamma: float) -> float:

@@ -28,13 +28,15 @@ reads checkpoints through it or through ``model_weights``. Keeping the head out 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import open_clip
 import torch
 
 from .atomic import atomic_path
-from .head import HEAD_ATTR, HEAD_PARAM, check_towers
+from .head import HEAD_ATTR, HEAD_PARAM, attach_linear_head, check_towers
 
 HEAD_KEY = HEAD_ATTR
 AVERAGE_KEY = "po_average"
@@ -42,6 +44,9 @@ REFERENCE_KEY = "po_reference"
 RNG_KEY = "po_rng"
 OBJECTIVE_KEY = "po_objective"
 WEIGHT_CHOICES = ("raw", "bma", "ema")
+
+
+EPOCH_CHECKPOINT = re.compile(r"epoch_(\d+)\.pt")   # open_clip's per-epoch names under RUN/checkpoints/
 
 
 class CheckpointError(ValueError):
@@ -91,6 +96,15 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
                                   f"(keys: {', '.join(map(str, list(obj)[:5]))})")
         obj = {"state_dict": obj}
     return obj
+
+
+def last_epoch_checkpoint(run_folder: str | os.PathLike) -> Path:
+    """The last ``checkpoints/epoch_N.pt`` (largest N, compared as numbers) of an open_clip run folder."""
+    folder = Path(run_folder) / "checkpoints"
+    numbered = {int(m.group(1)): p for p in folder.glob("epoch_*.pt") if (m := EPOCH_CHECKPOINT.fullmatch(p.name))}
+    if not numbered:
+        raise CheckpointError(f"no epoch_N.pt checkpoint in {folder} (did training save one?)")
+    return numbered[max(numbered)]
 
 
 def strip_module_prefix(state_dict: dict) -> dict:
@@ -238,9 +252,7 @@ def create_model_from_checkpoint(model_name: str, path: str | os.PathLike, weigh
 
     Returns ``(model, preprocess_train, preprocess_val)`` like ``open_clip.create_model_and_transforms``.
     """
-    import open_clip
 
-    from .head import attach_linear_head
 
     checkpoint = load_checkpoint(path)
     state_dict, head = model_weights(checkpoint, weights, str(path))

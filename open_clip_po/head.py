@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .unwrap import unwrap
+from .towers.unwrap import unwrap
 
 HEAD_ATTR = "po_head"  # the submodule's name on the model, and the checkpoint key that stores W
 HEAD_PARAM = f"{HEAD_ATTR}.weight"  # W's name in the model's state_dict

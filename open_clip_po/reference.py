@@ -20,7 +20,6 @@ A reference is in eval mode, has ``requires_grad`` off and is never DDP-wrapped.
 """
 from __future__ import annotations
 
-import copy
 from collections import OrderedDict
 from typing import NamedTuple
 
@@ -28,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention_layout import contiguous_attention_under_autocast
 from .head import get_linear_head
-from .unwrap import unwrap
+from .towers.attention_layout import contiguous_attention_under_autocast
+from .towers.unwrap import unwrap
 
 
 class Features(NamedTuple):
@@ -209,15 +208,3 @@ def make_reference(model: nn.Module | None = None, *, is_base_of_head: bool = Fa
         raise ValueError("a reference needs a model unless it is the policy's own backbone (linear head)")
     kind = SharedTextReference if shares_text else FrozenCopyReference
     return kind(model, text_cache_size)
-
-
-class Reference:
-    """``Reference(model, is_base_of_head=..., shares_text=...)`` and ``Reference.copy_of(policy, ...)``: the
-    constructor names used before the strategies had names of their own; both return a strategy."""
-
-    def __new__(cls, model: nn.Module | None = None, **kwargs):
-        return make_reference(model, **kwargs)
-
-    @staticmethod
-    def copy_of(policy: nn.Module, **kwargs):
-        return make_reference(copy.deepcopy(policy), **kwargs)

@@ -15,7 +15,7 @@ import sys
 import open_clip.loss
 import open_clip_train.main as ocm
 
-from open_clip_po import main as po_main
+from open_clip_po.trainer import seam as po_main
 from open_clip_po.criterion import POCriterion
 
 STATE = {"epoch": None}

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from open_clip_po.amp import loss_scale, scaler_skipped_step
+from open_clip_po.trainer.amp import loss_scale, scaler_skipped_step
 from open_clip_po.checkpoint import load_checkpoint
 from train_helpers import base_args, make_toy, run_in_process
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from open_clip_po.attention_layout import contiguous_attention_under_autocast
+from open_clip_po.towers.attention_layout import contiguous_attention_under_autocast
 from open_clip_po.reference import make_reference
 
 
@@ -77,7 +77,7 @@ def test_linear_head_mode_gives_the_frozen_backbone_the_same_layout(inputs):
 
     import open_clip
 
-    from open_clip_po.model_setup import ModelSetup
+    from open_clip_po.trainer.model_setup import ModelSetup
 
     args = SimpleNamespace(po_ref_cache=None, po_linear_head=True, po_head_towers="both",
                            po_full_text_context=False)

@@ -8,7 +8,7 @@ import torch
 from open_clip_po.criterion import POCriterion, POSettings, match_prompts
 from open_clip_po.head import attach_linear_head
 from open_clip_po.losses import get_loss
-from open_clip_po.reference import Reference
+from open_clip_po.reference import make_reference
 
 NAMES = ["red", "green", "blue", "black"]
 
@@ -34,7 +34,7 @@ def perturbed(model, seed=1, scale=0.05):
 
 def test_at_the_reference_dpo_is_log_2_and_the_regulariser_zero(tiny_model, batch):
     b, _ = batch
-    crit = POCriterion(get_loss("dpo"), Reference.copy_of(tiny_model), POSettings(reg_lambda=1.0))
+    crit = POCriterion(get_loss("dpo"), make_reference(copy.deepcopy(tiny_model)), POSettings(reg_lambda=1.0))
     out = crit(tiny_model, b)
     assert out["pref_loss"].item() == pytest.approx(math.log(2), abs=1e-6)
     assert out["reg_kl"].item() == pytest.approx(0.0, abs=1e-6)
@@ -43,7 +43,7 @@ def test_at_the_reference_dpo_is_log_2_and_the_regulariser_zero(tiny_model, batc
 
 def test_dpo_is_the_same_over_batch_and_class_candidates_but_kto_is_not(tiny_model, batch):
     b, prompts = batch
-    policy, ref = perturbed(tiny_model), Reference.copy_of(tiny_model)
+    policy, ref = perturbed(tiny_model), make_reference(copy.deepcopy(tiny_model))
     by = {}
     for candidates in ("batch", "classes"):
         for name in ("dpo", "kto"):
@@ -57,7 +57,7 @@ def test_dpo_is_the_same_over_batch_and_class_candidates_but_kto_is_not(tiny_mod
 
 def test_total_is_pref_plus_lambda_times_kl(tiny_model, batch):
     b, _ = batch
-    policy, ref = perturbed(tiny_model), Reference.copy_of(tiny_model)
+    policy, ref = perturbed(tiny_model), make_reference(copy.deepcopy(tiny_model))
     out = POCriterion(get_loss("ipo", beta=0.1), ref, POSettings(reg_lambda=0.25))(policy, b)
     assert out["reg_kl"].item() > 0
     assert out["loss"].item() == pytest.approx(out["pref_loss"].item() + 0.25 * out["reg_kl"].item(), rel=1e-5)
@@ -65,7 +65,7 @@ def test_total_is_pref_plus_lambda_times_kl(tiny_model, batch):
 
 def test_gradients_reach_the_policy_only(tiny_model, batch):
     b, _ = batch
-    policy, ref = perturbed(tiny_model), Reference.copy_of(tiny_model)
+    policy, ref = perturbed(tiny_model), make_reference(copy.deepcopy(tiny_model))
     POCriterion(get_loss("dpo"), ref, POSettings())(policy, b)["loss"].backward()
     assert policy.visual.conv1.weight.grad is not None and policy.visual.conv1.weight.grad.abs().sum() > 0
     assert all(p.grad is None and not p.requires_grad for p in ref.model.parameters())
@@ -74,18 +74,18 @@ def test_gradients_reach_the_policy_only(tiny_model, batch):
 def test_shared_text_reference_uses_the_policy_text_features(tiny_model, batch):
     b, _ = batch
     policy = perturbed(tiny_model)
-    shared = Reference.copy_of(tiny_model, shares_text=True)
+    shared = make_reference(copy.deepcopy(tiny_model), shares_text=True)
     text = policy.encode_text(b["chosen"], normalize=True)
     _, ref_text, _ = shared.features(b["images"], b["chosen"], policy_text_features=text)
     torch.testing.assert_close(ref_text, text)
-    _, own_text, _ = Reference.copy_of(tiny_model).features(b["images"], b["chosen"], policy_text_features=text)
+    _, own_text, _ = make_reference(copy.deepcopy(tiny_model)).features(b["images"], b["chosen"], policy_text_features=text)
     assert not torch.allclose(own_text, text)
 
 
 def test_linear_head_reference_is_the_backbone_without_w(tiny_model, batch):
     b, _ = batch
     head = attach_linear_head(tiny_model)
-    crit = POCriterion(get_loss("dpo"), Reference(None, is_base_of_head=True), POSettings(reg_lambda=1.0))
+    crit = POCriterion(get_loss("dpo"), make_reference(is_base_of_head=True), POSettings(reg_lambda=1.0))
     out = crit(tiny_model, b)  # W = I: policy = reference
     assert out["pref_loss"].item() == pytest.approx(math.log(2), abs=1e-6)
     with torch.no_grad():
@@ -100,7 +100,7 @@ def test_captions_outside_the_class_prompts_are_a_clear_error(tiny_model, batch,
     b, prompts = batch
     tokenizer = tiny_model_and_transforms[3]
     b = {**b, "rejected": tokenizer(["a photo of a dog."] * 5)}
-    crit = POCriterion(get_loss("dpo"), Reference.copy_of(tiny_model), POSettings(candidates="classes"),
+    crit = POCriterion(get_loss("dpo"), make_reference(copy.deepcopy(tiny_model)), POSettings(candidates="classes"),
                        prompt_tokens=prompts)
     with pytest.raises(ValueError, match=r"5 y_l caption\(s\) in the batch are not one of the class prompts"):
         crit(tiny_model, b)
@@ -115,7 +115,7 @@ def test_repeated_captions_are_encoded_once_with_the_same_loss_and_gradients(tin
     seen = []
     policy.encode_text = (lambda real: (lambda text, normalize=False: seen.append(text.shape[0])
                                          or real(text, normalize=normalize)))(policy.encode_text)
-    crit = POCriterion(get_loss("dpo"), Reference(ref_model), POSettings(reg_lambda=0.0))
+    crit = POCriterion(get_loss("dpo"), make_reference(ref_model), POSettings(reg_lambda=0.0))
     crit(policy, b)["loss"].backward()
     assert seen == [4]  # 10 captions, 4 distinct
     grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}

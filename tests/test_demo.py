@@ -11,7 +11,7 @@ from PIL import Image
 
 from open_clip_po.demo.commands import finetune_argv, pretrain_argv, shard_spec, typographic_data
 from open_clip_po.demo.pipeline import DemoConfig, Method, checkpoint_of, quick_config
-from open_clip_po.demo.report import check_targets
+from open_clip_po.demo.typographic_report import check_targets
 from open_clip_po.demo.world import (KINDS, TEXT_SIZE_224, TextStyle, WorldClass, attack, caption, draw_object,
                                     render, world_classes, write_word)
 from open_clip_po.demo.world_files import write_class_folder, write_pretrain_set
@@ -217,7 +217,7 @@ def test_quick_demo_end_to_end(tmp_path):
     # the numbers in the markdown are the JSON's
     md = (out / "report.md").read_text()
     assert f"| pre-trained | {100 * pre['clean']:.1f} | {100 * pre['attacked']:.1f} |" in md
-    for png in ("report_table.png", "world_examples.png", "eval/kl.png", "eval/sweep.png"):
+    for png in ("report_table.png", "world_examples.png", "eval/kl.png", "eval/tsweep.png"):
         with Image.open(out / png) as im:
             assert im.size[0] > 100 and im.size[1] > 100
     commands = (out / "commands.txt").read_text()

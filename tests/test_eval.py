@@ -159,7 +159,7 @@ def test_typographic_eval_matches_brute_force_with_head_and_ddp(tiny_model, fold
 def test_zeroshot_cli_writes_documented_json_and_png(folders, checkpoints, tmp_path, tiny_model,
                                                      head_weight_matrix, tiny_model_and_transforms):
     from open_clip_po.eval import typographic_eval
-    from open_clip_po.eval.report import SINGLE_FIGSIZE, figure_pixels
+    from open_clip_po.eval.plots import SINGLE_FIGSIZE, figure_pixels
 
     clean, attacked = folders
     _, head = checkpoints
@@ -306,7 +306,7 @@ def test_parse_t_values():
 def test_feature_path_equals_model_with_scaled_head(tiny_model, head_weight_matrix, tiny_model_and_transforms):
     """Base features + W_t afterwards == a model carrying W_t, for images and the zero-shot classifier."""
     from open_clip_po.eval.features import PromptFeatures, apply_head, base_encoders, zero_shot_classifier
-    from open_clip_po.svd_scale import scale_head
+    from open_clip_po.surgery.cli import scale_head
 
     tokenizer = tiny_model_and_transforms[3]
     model = _with_head(tiny_model, head_weight_matrix)
@@ -327,7 +327,7 @@ def test_feature_path_equals_model_with_scaled_head(tiny_model, head_weight_matr
 
 
 def test_sweep_reproduces_base_at_t0_and_head_at_t1(folders, checkpoints, tmp_path):
-    from open_clip_po.eval.report import WIDE_FIGSIZE, figure_pixels
+    from open_clip_po.eval.plots import WIDE_FIGSIZE, figure_pixels
 
     clean, attacked = folders
     base, head = checkpoints
@@ -372,7 +372,7 @@ def test_gender_curves_find_the_analytic_crossing():
     """D = 2, W = diag(1, 4): W_t = diag(1, 4^t). An image x = (a, 1) of a man with "man" = e1 and "woman" = e2
     scores a / |W_t x| against 4^t / |W_t x|: P(man) = P(woman) exactly at t* = log_4(a)."""
     from open_clip_po.eval import gender_curves
-    from open_clip_po.svd_scale import scale_head
+    from open_clip_po.surgery.cli import scale_head
 
     W = torch.diag(torch.tensor([1.0, 4.0], dtype=torch.float64))
     ts = [round(0.03 * i, 2) for i in range(35)]          # 0 … 1.02, never exactly on an answer
@@ -476,7 +476,7 @@ def _gender_csv(tmp_path):
 
 def test_gender_cli_writes_curves_retrieval_and_plots(checkpoints, tmp_path, tiny_model, head_weight_matrix,
                                                       tiny_model_and_transforms):
-    from open_clip_po.eval.report import SINGLE_FIGSIZE, WIDE_FIGSIZE, figure_pixels
+    from open_clip_po.eval.plots import SINGLE_FIGSIZE, WIDE_FIGSIZE, figure_pixels
 
     _, head = checkpoints
     csv_path = _gender_csv(tmp_path)
@@ -544,7 +544,7 @@ def test_kl_per_image_matches_hand_computation():
 
 
 def test_kl_cli_zero_against_itself_and_own_backbone_as_reference(folders, checkpoints, tmp_path):
-    from open_clip_po.eval.report import SINGLE_FIGSIZE, figure_pixels
+    from open_clip_po.eval.plots import SINGLE_FIGSIZE, figure_pixels
 
     clean, _ = folders
     base, head = checkpoints

@@ -61,7 +61,7 @@ def test_one_training_step_on_po_tiny_batch_32():
 @pytest.mark.parametrize("version,ok", [("3.3.0", True), ("3.1.0", True), ("3.0.2", False),
                                         ("4.0.0", False), ("4.0.0.dev1", False), ("2.24.0", False)])
 def test_version_guard(version, ok):
-    from open_clip_po._version_guard import UnsupportedOpenClipVersion, check_open_clip_version
+    from open_clip_po import UnsupportedOpenClipVersion, check_open_clip_version
 
     if ok:
         assert check_open_clip_version(version) == version

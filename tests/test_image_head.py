@@ -18,7 +18,7 @@ from open_clip_po.eval import gender_curves
 from open_clip_po.head import attach_linear_head, get_linear_head
 from open_clip_po.losses import get_loss
 from open_clip_po.reference import make_reference
-from open_clip_po.svd_scale import SurgeryError, fold_head, head_model_at, main as svd_scale_main, scale_head
+from open_clip_po.surgery.cli import SurgeryError, fold_head, head_model_at, main as svd_scale_main, scale_head
 
 
 def random_head(dim=32, seed=0, scale=0.3):

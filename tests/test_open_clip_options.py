@@ -1,5 +1,5 @@
 """open_clip training options combined with PO: each one either trains end to end (short po-tiny runs through
-open_clip's trainer) or is refused at start-up with one line (open_clip_po.options, docs/training.md)."""
+open_clip's trainer) or is refused at start-up with one line (open_clip_po.trainer.options, docs/training.md)."""
 from __future__ import annotations
 
 import logging
@@ -16,8 +16,9 @@ import open_clip
 import open_clip_po  # noqa: F401
 from open_clip_po import losses as po_losses
 from open_clip_po.checkpoint import atomic_save, load_checkpoint
-from open_clip_po.main import main, po_argument_parser
-from open_clip_po.options import check_open_clip_options, list_option_rules, plain_clip_run
+from open_clip_po.flags import po_argument_parser
+from open_clip_po.trainer.seam import main
+from open_clip_po.trainer.options import check_open_clip_options, list_option_rules, plain_clip_run
 from open_clip_po.reference import FrozenCopyReference
 from po_toy import write_toy_shards
 from train_helpers import base_args, make_toy, run_in_process
@@ -72,7 +73,8 @@ def test_plain_clip_run_only_without_any_po_option():
     assert plain_clip_run(parsed("--train-data", "x.tar", "--logs-dir", "logs"), parser)
     assert not plain_clip_run(parsed("--po-loss", "dpo"), parser)
     assert not plain_clip_run(parsed("--po-reg-data", "reg.tar"), parser)  # a PO run without its objective
-    assert not plain_clip_run(parsed("--ref-model", "po-tiny"), parser)
+    assert not plain_clip_run(parsed("--po-ref-model", "po-tiny"), parser)
+    assert not plain_clip_run(parsed("--po-beta", "0.5"), parser)  # an alias of --po-hparam counts too
 
 
 def test_every_rule_is_in_the_docs_table():

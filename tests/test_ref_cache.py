@@ -13,7 +13,7 @@ import open_clip
 from open_clip_po.criterion import POCriterion, POSettings
 from open_clip_po.data import get_po_data
 from open_clip_po.losses import get_loss
-from open_clip_po.main import main
+from open_clip_po.trainer.seam import main
 from open_clip_po.ref_cache import CacheError, load_ref_cache
 from open_clip_po.ref_cache.build import build, parse_args
 from open_clip_po.ref_cache.store import MANIFEST, SHARDS_DIR, run_signature

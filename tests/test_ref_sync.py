@@ -6,7 +6,7 @@ import torch
 
 import open_clip_train.main as ocm
 from open_clip_po.checkpoint import REFERENCE_KEY, load_checkpoint, strip_module_prefix
-from open_clip_po.main import patched_open_clip_train
+from open_clip_po.trainer.seam import patched_open_clip_train
 from train_helpers import base_args, make_toy, run_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -1,8 +1,10 @@
 """The frozen reference's text-feature memo: exact, only unseen captions encoded, bounded, autocast-aware."""
+import copy
+
 import pytest
 import torch
 
-from open_clip_po.reference import Reference, TextFeatureCache
+from open_clip_po.reference import TextFeatureCache, make_reference
 
 
 class CountingEncoder:
@@ -63,7 +65,7 @@ def test_reference_text_features_with_and_without_the_cache_agree(tiny_model, ti
     _, _, _, tokenizer = tiny_model_and_transforms
     texts = tokenizer(["a photo of a red.", "a photo of a blue.", "a photo of a red."])
     images = torch.randn(2, 3, 64, 64)
-    cached, plain = Reference.copy_of(tiny_model), Reference.copy_of(tiny_model, text_cache_size=0)
+    cached, plain = make_reference(copy.deepcopy(tiny_model)), make_reference(copy.deepcopy(tiny_model), text_cache_size=0)
     for _ in range(2):  # the second pass is served from the cache
         a, b = cached.features(images, texts), plain.features(images, texts)
         for x, y in zip(a, b):

@@ -12,7 +12,7 @@ import torch
 
 import open_clip_train.main as ocm
 from open_clip_po.checkpoint import RNG_KEY, load_checkpoint
-from open_clip_po.main import main, patched_open_clip_train
+from open_clip_po.trainer.seam import main, patched_open_clip_train
 from train_helpers import base_args, make_toy, run_cli, run_in_process
 
 pytestmark = [pytest.mark.integration]

@@ -1,5 +1,5 @@
 """Runs launched through open_clip_po.main are a function of --seed: open_clip's own webdataset shuffles are
-seeded (open_clip_po.seeding), PO runs and plain CLIP runs repeat step for step, and the seed matters."""
+seeded (open_clip_po.trainer.seeding), PO runs and plain CLIP runs repeat step for step, and the seed matters."""
 from __future__ import annotations
 
 import hashlib
@@ -13,8 +13,8 @@ import open_clip
 import open_clip_po  # noqa: F401
 import open_clip_train.data as ocd
 from launch_helpers import losses_by_epoch, probe_records, run_single_node
-from open_clip_po.main import patched_open_clip_train
-from open_clip_po.seeding import SEEDED_DATA_GLOBALS
+from open_clip_po.trainer.seam import patched_open_clip_train
+from open_clip_po.trainer.seeding import SEEDED_DATA_GLOBALS
 from po_toy import write_toy_shards
 from train_helpers import make_toy
 

@@ -219,24 +219,22 @@ def test_a_rebuild_keeps_other_sets_in_the_folder(sets, tmp_path):
 
 
 def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
-    from open_clip_po.atomic import LEGACY_TEMP_AGE, atomic_path, remove_stale_temp_files, this_host
+    from open_clip_po.atomic import atomic_path, remove_stale_temp_files, this_host
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     stale = tmp_path / f".epoch_1.pt.{dead.pid}@{this_host()}.abcd1234.tmp"
     mine = tmp_path / f".epoch_2.pt.{os.getpid()}@{this_host()}.abcd1234.tmp"
     elsewhere = tmp_path / f".epoch_3.pt.{dead.pid}@another-host.abcd1234.tmp"
-    legacy_old, legacy_new = tmp_path / ".epoch_4.pt.k2j4h5g6.tmp", tmp_path / ".epoch_5.pt.a1b2c3d4.tmp"
-    for path in (stale, mine, elsewhere, legacy_old, legacy_new):
+    untagged = tmp_path / ".epoch_4.pt.k2j4h5g6.tmp"  # not ours to judge: no writer recorded
+    for path in (stale, mine, elsewhere, untagged):
         path.write_bytes(b"partial")
-    old = time.time() - LEGACY_TEMP_AGE - 10
-    os.utime(legacy_old, (old, old))
     with atomic_path(tmp_path / "being_written.pt") as writing:
         writing.write_bytes(b"x")
-        assert sorted(remove_stale_temp_files(tmp_path)) == sorted([stale, legacy_old])
+        assert remove_stale_temp_files(tmp_path) == [stale]
         assert writing.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [mine.name, elsewhere.name, legacy_new.name, "being_written.pt"])
+        [mine.name, elsewhere.name, untagged.name, "being_written.pt"])
 
 
 def test_patterns_that_match_no_file_are_named(tmp_path, tokenizer):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import open_clip_po
 from open_clip_po.checkpoint import atomic_save, create_model_from_checkpoint, load_checkpoint
 from open_clip_po.head import attach_linear_head, has_linear_head
-from open_clip_po.svd_scale import SurgeryError, default_output_path, fold_head, head_model_at, main, scale_head
+from open_clip_po.surgery.cli import SurgeryError, default_output_path, fold_head, head_model_at, main, scale_head
 from open_clip_po.surgery import find_projection, head_stats
 
 PO_TINY_JSON = Path(open_clip_po.__file__).parent / "model_configs" / "po-tiny.json"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from open_clip_po.eval.pareto import pareto_front
+from open_clip_po.sweep.pareto import pareto_front
 from open_clip_po.sweep import GridError, grid_from_dict, run_status
 from open_clip_po.sweep.driver import po_launch_shell
 from open_clip_po.sweep.runs import ATTEMPTS, prepare_run, record_done

@@ -15,8 +15,8 @@ from open_clip.model import CLIP, CustomTextCLIP
 from open_clip_po.criterion import POCriterion, POSettings
 from open_clip_po.head import attach_linear_head
 from open_clip_po.losses import get_loss
-from open_clip_po.reference import Reference
-from open_clip_po.text_span import (caption_span, configure_text_span, run_text_over_caption_span,
+from open_clip_po.reference import make_reference
+from open_clip_po.towers.text_span import (caption_span, configure_text_span, run_text_over_caption_span,
                                     runs_text_over_caption_span)
 
 # mixed lengths in one batch (3–8 tokens with SOT and EOT): the longest makes the span 8 positions
@@ -236,7 +236,7 @@ def test_the_rebinding_survives_deepcopy(tiny_model, tokens):
     with torch.no_grad():
         clone.text_projection.mul_(2)  # the copy's own weights, not the original's
         torch.testing.assert_close(clone.encode_text(text), 2 * spanned.encode_text(text))
-    reference = Reference.copy_of(spanned).model  # the frozen reference copy gets it too
+    reference = make_reference(copy.deepcopy(spanned)).model  # the frozen reference copy gets it too
     assert runs_text_over_caption_span(reference) and positions_seen(reference, text) == [SPAN]
 
 
@@ -249,7 +249,7 @@ def test_the_linear_head_over_the_span(tiny_model, tokens):
     assert positions_seen(model, text) == [SPAN]
     expected = full_context(tiny_model, text) @ head.weight.T
     torch.testing.assert_close(model.encode_text(text), expected, rtol=1e-5, atol=1e-5)
-    policy, reference = Reference(None, is_base_of_head=True).step_features(model, torch.randn(2, 3, 64, 64), text)
+    policy, reference = make_reference(is_base_of_head=True).step_features(model, torch.randn(2, 3, 64, 64), text)
     torch.testing.assert_close(reference.text, full_context(tiny_model, text, normalize=True), rtol=1e-5, atol=1e-5)
 
 
@@ -266,7 +266,7 @@ def test_a_po_step_gives_the_same_loss_and_gradients(tiny_model, tokens):
         model = copy.deepcopy(tiny_model)
         if span:
             run_text_over_caption_span(model)
-        reference = Reference.copy_of(model)
+        reference = make_reference(copy.deepcopy(model))
         with torch.no_grad():
             for p in model.parameters():  # away from the reference, so the loss has a gradient
                 p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
@@ -314,7 +314,7 @@ def setup_args(**kw):
 @pytest.mark.parametrize("kw", [{}, {"po_linear_head": True}, {"po_ref_model": "po-tiny"}])
 @pytest.mark.parametrize("full", [False, True])
 def test_a_runs_policy_and_reference_and_the_opt_out(caplog, kw, full):
-    from open_clip_po.model_setup import ModelSetup
+    from open_clip_po.trainer.model_setup import ModelSetup
 
     args = setup_args(po_full_text_context=full, **kw)
     setup = ModelSetup(lambda: args, open_clip.create_model_and_transforms)
@@ -336,7 +336,7 @@ def test_a_runs_policy_and_reference_and_the_opt_out(caplog, kw, full):
 def test_the_flag_parses_and_is_documented():
     from pathlib import Path
 
-    from open_clip_po.cli import po_argument_parser
+    from open_clip_po.flags import po_argument_parser
 
     parser = po_argument_parser()
     assert parser.parse_args(["--po-full-text-context"]).po_full_text_context

@@ -14,7 +14,7 @@ import open_clip
 import open_clip_po  # noqa: F401
 import open_clip_train.main as ocm
 from open_clip_po.checkpoint import atomic_save, create_model_from_checkpoint, load_checkpoint
-from open_clip_po.main import PATCHED, patched_open_clip_train
+from open_clip_po.trainer.seam import PATCHED, patched_open_clip_train
 from train_helpers import REPO, base_args, make_toy, run_cli, run_in_process
 
 pytestmark = [pytest.mark.integration]
@@ -197,7 +197,7 @@ def test_checkpoint_loads_in_stock_open_clip(toy, tmp_path):
 @pytest.mark.slow
 def test_non_finite_losses_skip_steps_then_stop_with_a_checkpoint(toy, tmp_path, monkeypatch, caplog):
     from open_clip_po.criterion import POCriterion
-    from open_clip_po.train import TooManyBadSteps
+    from open_clip_po.trainer.hooks import TooManyBadSteps
 
     real = POCriterion.forward
     calls = {"n": 0}
@@ -220,7 +220,7 @@ def test_non_finite_losses_skip_steps_then_stop_with_a_checkpoint(toy, tmp_path,
 
 
 def test_bad_flag_combinations_are_one_line_errors(toy, tmp_path):
-    from open_clip_po.main import main
+    from open_clip_po.trainer.seam import main
 
     cases = [
         ([], "--po-loss is required"),
@@ -229,7 +229,7 @@ def test_bad_flag_combinations_are_one_line_errors(toy, tmp_path):
         (["--po-loss", "dpo,ce", "--po-loss-weights", "1"], "weights"),
         (["--po-loss", "dpo", "--po-hparam", "simpo_gamma=1"], "simpo_gamma"),
         (["--po-loss", "dpo", "--po-candidates", "classes"], "--po-candidates classes needs --po-classnames"),
-        (["--po-loss", "dpo", "--po-linear-head", "--ref-model", "po-tiny"], "--po-linear-head uses the frozen"),
+        (["--po-loss", "dpo", "--po-linear-head", "--po-ref-model", "po-tiny"], "--po-linear-head uses the frozen"),
         (["--po-loss", "dpo", "--po-desirable-weight", "2"], "desirable_weight"),
         (["--po-loss", "dpo", "--po-eval-weights", "average"], "--po-eval-weights average needs --po-average"),
         (["--po-loss", "dpo", "--po-eval-images", str(tmp_path / "nowhere")], "no such file or directory"),

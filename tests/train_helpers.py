@@ -14,7 +14,7 @@ import open_clip
 import open_clip_po  # noqa: F401  (registers po-tiny)
 import open_clip_train.main as ocm
 from open_clip_po.checkpoint import atomic_save
-from open_clip_po.main import patched_open_clip_train
+from open_clip_po.trainer.seam import patched_open_clip_train
 from po_toy import write_toy_shards
 
 REPO = Path(__file__).resolve().parents[1]

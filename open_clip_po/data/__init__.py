@@ -14,7 +14,7 @@ from .classnames import read_classnames
 from .errors import (BuildLockedError, ClassnamesError, DataError, GenderCsvError, IncompleteBuildError,
                      ShardPatternError)
 from .publish import StagedBuild
-from .shards import IMAGE_EXTS, META, SIZES_FILE, TXT, YL, YW, ShardWriter
+from .shards import META, SIZES_FILE, TXT, YL, YW, ShardWriter
 from .skips import PREF_KINDS, REG_KINDS, SKIP_KINDS, BadSampleError, SkipCounter, SkipLedger
 
 _LAZY = {"get_po_data": "loader", "PreferenceDataset": "reader", "POLoader": "reader", "dataset_size": "patterns"}
@@ -22,7 +22,7 @@ _LAZY = {"get_po_data": "loader", "PreferenceDataset": "reader", "POLoader": "re
 __all__ = [
     "get_po_data", "PreferenceDataset", "POLoader", "dataset_size",
     "SkipLedger", "SkipCounter", "BadSampleError", "SKIP_KINDS", "PREF_KINDS", "REG_KINDS",
-    "ShardWriter", "StagedBuild", "IMAGE_EXTS", "YW", "YL", "TXT", "META", "SIZES_FILE", "read_classnames",
+    "ShardWriter", "StagedBuild", "YW", "YL", "TXT", "META", "SIZES_FILE", "read_classnames",
     "DataError", "ClassnamesError", "GenderCsvError", "ShardPatternError", "IncompleteBuildError",
     "BuildLockedError",
 ]

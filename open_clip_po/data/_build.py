@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import multiprocessing as mp
 import sys
 from typing import Callable, Iterable, Iterator, Sequence
@@ -69,7 +70,6 @@ def writer_kwargs(args) -> dict:
 
 def run_builder(build: Callable[[], object]) -> int:
     """Run a builder for its ``main``: 0, or 2 with the one-line error of bad input (or a locked --out)."""
-    import logging
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 import math
 
+from open_clip import tokenize as clip_tokenize
+from open_clip_train.data import DataInfo, SharedEpoch
 from torch.utils.data import DataLoader
 
-from open_clip_train.data import DataInfo, SharedEpoch
-
+from ..losses.distributed import world_info
 from .errors import DataError
 from .patterns import dataset_size, expand_shards
 from .publish import SIZES_FILE
@@ -25,11 +26,7 @@ from .reader import POLoader, PreferenceDataset
 def _rank_world(args) -> tuple[int, int]:
     rank, world = getattr(args, "rank", None), getattr(args, "world_size", None)
     if rank is None or world is None:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
+        return world_info()
     return int(rank), int(world)
 
 
@@ -50,7 +47,7 @@ def get_po_data(args, preprocess_fns, epoch: int = 0, tokenizer=None) -> dict:
     if not train_data:
         raise DataError("--train-data (triplet shards) is required for preference optimisation")
     if tokenizer is None:
-        from open_clip import tokenize as tokenizer  # CLIP's BPE tokenizer, context 77
+        tokenizer = clip_tokenize  # CLIP's BPE tokenizer, context 77
     resampled = bool(getattr(args, "dataset_resampled", False))
     factors = getattr(args, "train_data_upsampling_factors", None)
     if factors is not None and not resampled:

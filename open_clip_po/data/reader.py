@@ -19,10 +19,9 @@ import random
 from collections import Counter
 
 import torch
+from open_clip_train.data import ResampledShards2, detshuffle2
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
-
-from open_clip_train.data import ResampledShards2, detshuffle2
 
 from .decode import Tokenize, decode_pair, decode_triplet
 from .skips import SkipCounter

@@ -14,8 +14,8 @@ from __future__ import annotations
 import io
 import os
 import re
-import tempfile
 import tarfile
+import tempfile
 from pathlib import Path
 
 from PIL import Image
@@ -24,12 +24,11 @@ from ..atomic import writer_tag
 from .image_files import IMAGE_EXTENSIONS
 from .publish import SIZES_FILE, StagedBuild
 
-IMAGE_EXTS = IMAGE_EXTENSIONS  # the older name
 YW, YL, TXT, META = "yw.txt", "yl.txt", "txt", "json"
 SHARD_PATTERN = "{prefix}-{index:06d}.tar"
 _KEY_OK = re.compile(r"^[A-Za-z0-9_\-]+$")
 
-__all__ = ["IMAGE_EXTS", "YW", "YL", "TXT", "META", "SIZES_FILE", "SHARD_PATTERN", "ShardWriter", "check_key",
+__all__ = ["YW", "YL", "TXT", "META", "SIZES_FILE", "SHARD_PATTERN", "ShardWriter", "check_key",
            "tar_header", "fit_square", "encode_image", "load_image"]
 
 

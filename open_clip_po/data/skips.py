@@ -23,6 +23,11 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
+import torch
+import torch.distributed as dist
+
+from ..losses.distributed import world_info
+
 PREF_KINDS = ("unreadable_shard", "truncated_shard", "missing_image", "missing_yw", "missing_yl",
               "undecodable_text", "empty_caption", "identical_captions", "corrupt_image")
 REG_KINDS = tuple("reg_" + k for k in ("unreadable_shard", "truncated_shard", "missing_image", "missing_caption",
@@ -91,10 +96,7 @@ class SkipLedger:
 
     def all_reduce(self) -> dict[str, int]:
         """Totals summed over ranks (this rank's totals without torch.distributed)."""
-        import torch
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
+        if world_info()[1] == 1:
             return dict(self.totals)
         device = "cpu"
         if dist.get_backend() == "nccl":

@@ -19,11 +19,13 @@ The typographic demo, in which preference optimisation removes a typographic vul
 from __future__ import annotations
 
 import argparse
-import logging
+import dataclasses
 import sys
 from pathlib import Path
 
-from .pipeline import DemoConfig, Method, StageError, full_config, quick_config
+from .gender_cli import gender_main
+from .pipeline import DemoConfig, Method, StageError, full_config, pretrained_path, quick_config, setup_logging
+from .run import run_demo
 
 __all__ = ["main", "DemoConfig", "Method", "full_config", "quick_config"]
 
@@ -49,35 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_logging() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("open_clip_po.demo").setLevel(logging.INFO)  # our stages; open_clip's chatter stays quiet
-
-
-def _pretrained_path(value: str | None, prog: str) -> Path | None:
-    """``--pretrained`` resolved; None if not given. Exits with a one-line error if it is not a file."""
-    if value is None:
-        return None
-    path = Path(value).resolve()
-    if not path.is_file():
-        print(f"{prog}: error: --pretrained {value} is not a file", file=sys.stderr)
-        raise SystemExit(2)
-    return path
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["gender"]:
-        from .gender_cli import gender_main
         return gender_main(argv[1:])
     if argv[:1] == ["typographic"]:
         argv = argv[1:]
     args = build_parser().parse_args(argv)
-    _setup_logging()
-    import dataclasses
-
-    from .run import run_demo
-
+    setup_logging()
     cfg = quick_config() if args.quick else full_config()
     cfg = dataclasses.replace(cfg, seed=args.seed)
     if args.methods is not None:
@@ -91,7 +72,7 @@ def main(argv=None) -> int:
         cfg = dataclasses.replace(cfg, methods=tuple(known[m] for m in wanted))
     if args.pretrain_only:
         cfg = dataclasses.replace(cfg, methods=())
-    pretrained = _pretrained_path(args.pretrained, "open_clip_po.demo")
+    pretrained = pretrained_path(args.pretrained, "open_clip_po.demo")
     out = Path(args.out).resolve()
     try:
         report = run_demo(cfg, out, pretrained=pretrained, quiet=args.quiet, threads=args.threads)

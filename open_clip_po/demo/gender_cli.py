@@ -31,14 +31,13 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from .pipeline import StageError
+from .gender_run import GenderConfig, full_gender_config, gender_methods, quick_gender_config, run_gender_demo
+from .pipeline import StageError, pretrained_path, setup_logging
 
 PROG = "python -m open_clip_po.demo gender"
 
 
 def build_gender_parser() -> argparse.ArgumentParser:
-    from .gender_run import GenderConfig
-
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_gender_out", help="output directory (default: %(default)s)")
     p.add_argument("--quick", action="store_true",
@@ -77,11 +76,8 @@ def _share(text: str) -> float:
 
 
 def gender_main(argv) -> int:
-    from . import _pretrained_path, _setup_logging
-    from .gender_run import full_gender_config, gender_methods, quick_gender_config, run_gender_demo
-
     args = build_gender_parser().parse_args(argv)
-    _setup_logging()
+    setup_logging()
     cfg = quick_gender_config() if args.quick else full_gender_config()
     cfg = dataclasses.replace(cfg, seed=args.seed, t_grid=args.t or cfg.t_grid)
     shares = {"neutral_share": args.neutral_share, "hidden_share": args.hidden_share}
@@ -101,7 +97,7 @@ def gender_main(argv) -> int:
             print(f"{PROG}: error: no head to train (--methods and --paper-methods are both empty)", file=sys.stderr)
             return 2
         cfg = dataclasses.replace(cfg, methods=gender_methods(chosen["--methods"], chosen["--paper-methods"]))
-    pretrained = _pretrained_path(args.pretrained, PROG)
+    pretrained = pretrained_path(args.pretrained, PROG)
     out = Path(args.out).resolve()
     try:
         report = run_gender_demo(cfg, out, pretrained=pretrained, quiet=args.quiet, threads=args.threads)

@@ -8,8 +8,7 @@ import os
 import platform
 from pathlib import Path
 
-from open_clip_po.atomic import atomic_path, write_text
-from open_clip_po.eval.report import write_json
+from open_clip_po.atomic import atomic_path, write_json, write_text
 
 TARGET_READS = 0.85          # mean own-gender probability of the pre-trained model (t = 0)
 TARGET_FLIPPED = 0.80        # share of images whose flipped gender wins at t = 1

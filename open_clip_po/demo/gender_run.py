@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .commands import (finetune_argv, gender_data, gender_eval_argv, gender_shards_argv, pretrain_argv,
-                       svd_scale_argv)
+from .commands import finetune_argv, gender_data, gender_eval_argv, gender_shards_argv, pretrain_argv, svd_scale_argv
 from .gender_report import at_t, write_gender_report
 from .people import balanced_labels, skewed_labels
 from .people_files import CSV_NAME, people_grid, write_people_folder, write_people_shards

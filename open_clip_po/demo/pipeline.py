@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -20,12 +19,15 @@ import sys
 import time
 from pathlib import Path
 
+from open_clip_po.checkpoint import CheckpointError, last_epoch_checkpoint
+from open_clip_po.eval.cli import EvalCommandFailed
+from open_clip_po.eval.cli import run as eval_cli_run
+
 from .world import TEXT_SIZE_224
 
 log = logging.getLogger("open_clip_po.demo")
 
 TEMPLATE = "a photo of a {}."
-EPOCH_CHECKPOINT = re.compile(r"epoch_(\d+)\.pt")   # open_clip's checkpoint names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,22 +169,36 @@ def fresh(path: Path) -> Path:
     return path
 
 
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("open_clip_po.demo").setLevel(logging.INFO)  # our stages; open_clip's chatter stays quiet
+
+
+def pretrained_path(value: str | None, prog: str) -> Path | None:
+    """``--pretrained`` resolved; None if not given. Exits with a one-line error if it is not a file."""
+    if value is None:
+        return None
+    path = Path(value).resolve()
+    if not path.is_file():
+        print(f"{prog}: error: --pretrained {value} is not a file", file=sys.stderr)
+        raise SystemExit(2)
+    return path
+
+
 def checkpoint_of(logs: Path, run_name: str) -> Path:
     """The last numbered epoch checkpoint (``epoch_N.pt``, largest N) a run wrote under ``logs/run_name``."""
-    ckpt_dir = logs / run_name / "checkpoints"
-    numbered = {int(m.group(1)): p for p in ckpt_dir.glob("epoch_*.pt")
-                if (m := EPOCH_CHECKPOINT.fullmatch(p.name))}
-    if not numbered:
-        raise StageError(f"no epoch_N.pt checkpoint in {ckpt_dir}")
-    return numbered[max(numbered)]
+    try:
+        return last_epoch_checkpoint(logs / run_name)
+    except CheckpointError as e:
+        raise StageError(str(e)) from None
 
 
 def run_eval(argv: list[str]) -> None:
     """``python -m open_clip_po.eval ARGV`` in this process (saves a start-up per evaluation)."""
-    from open_clip_po.eval.__main__ import main as eval_main
-    code = eval_main(argv)
-    if code:
-        raise StageError(f"python -m open_clip_po.eval {shlex.join(argv)} failed with exit {code}")
+    try:
+        eval_cli_run(argv)
+    except EvalCommandFailed as e:
+        raise StageError(str(e)) from None
 
 
 def read_metrics(path: Path) -> dict:

@@ -10,9 +10,9 @@ from pathlib import Path
 from .commands import (cached_reference, finetune_argv, pretrain_argv, ref_cache_argv, typographic_argv,
                        typographic_data, zeroshot_argv)
 from .pipeline import TEMPLATE, DemoConfig, Runner, StageError, checkpoint_of, fresh, read_metrics
-from .report import write_report
+from .typographic_report import write_report
 from .world import TextStyle, world_classes
-from .world_files import (examples_grid, write_class_folder, write_classnames, write_pretrain_set, write_world_json)
+from .world_files import examples_grid, write_class_folder, write_classnames, write_pretrain_set, write_world_json
 
 log = logging.getLogger("open_clip_po.demo")
 
@@ -121,11 +121,11 @@ def _kl_and_sweep(cfg, runner, rows, pretrained, test, attacked, evals) -> dict 
     head_rows = [r for r in tuned if r["head"] and r["loss"] != "ce"]
     if not head_rows:
         return None
-    sweep_argv = ["sweep", "--model", cfg.model, "--pretrained", head_rows[0]["checkpoint"], "--images",
+    sweep_argv = ["tsweep", "--model", cfg.model, "--pretrained", head_rows[0]["checkpoint"], "--images",
                   str(test), "--typographic", str(attacked), "--template", TEMPLATE, "--t", cfg.sweep_t,
-                  "--workers", "0", "--output", str(evals / "sweep.json")]
+                  "--workers", "0", "--output", str(evals / "tsweep.json")]
     runner.eval("eval-sweep", sweep_argv)
-    return {"method": head_rows[0]["method"], **json.loads((evals / "sweep.json").read_text(encoding="utf-8"))}
+    return {"method": head_rows[0]["method"], **json.loads((evals / "tsweep.json").read_text(encoding="utf-8"))}
 
 
 def _fmt(row: dict) -> str:

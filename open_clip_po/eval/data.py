@@ -22,9 +22,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from open_clip_po.data.classnames import CLASSNAMES_FILE, classnames_for_folders, read_classnames
+from open_clip_po.data.decode import decode_rgb, find_image_member
 from open_clip_po.data.errors import DataError
 from open_clip_po.data.image_files import list_class_folders, scan_class_folders
 from open_clip_po.data.patterns import expand_shards, is_shard_spec
+from open_clip_po.data.skips import SkipCounter
+from open_clip_po.data.tar import read_samples
+from open_clip_po.data.typographic import pick_written_class, render_attack
 
 from .errors import EvalError
 
@@ -86,8 +90,6 @@ class OnTheFlyAttack:
     """
 
     def __init__(self, classnames: Sequence[str], seed: int, fonts=None):
-        from open_clip_po.data.typographic import pick_written_class, render_attack
-
         self.classnames, self.seed, self.fonts = list(classnames), int(seed), fonts
         self._pick, self._render = pick_written_class, render_attack
 
@@ -144,8 +146,6 @@ class ShardDataset(IterableDataset):
         self.urls, self.preprocess, self.num_classes, self.attack = list(urls), preprocess, num_classes, attack
 
     def _decode(self, sample, counter):
-        from open_clip_po.data.decode import decode_rgb, find_image_member
-
         ext = find_image_member(sample, counter)
         image = decode_rgb(sample, ext, counter) if ext is not None else None
         if image is None:
@@ -163,9 +163,6 @@ class ShardDataset(IterableDataset):
         return self.preprocess(image), label, written
 
     def __iter__(self):
-        from open_clip_po.data.skips import SkipCounter
-        from open_clip_po.data.tar import read_samples
-
         info = get_worker_info()
         urls = self.urls[info.id::info.num_workers] if info is not None else self.urls
         counter = SkipCounter()  # logs each skip with shard and key; the Nones carry the count

@@ -13,6 +13,7 @@ import logging
 import os
 from typing import Callable, Sequence
 
+import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip import build_zero_shot_classifier
@@ -21,7 +22,7 @@ from tqdm import tqdm
 
 from open_clip_po.checkpoint import CheckpointError, create_model_from_checkpoint
 from open_clip_po.head import get_linear_head, has_linear_head
-from open_clip_po.unwrap import unwrap
+from open_clip_po.towers.unwrap import unwrap
 
 from .data import EvalSet, make_loader
 from .errors import EvalError
@@ -37,7 +38,6 @@ class _DropRandomInitWarning(logging.Filter):
 
 def load_eval_model(model_name: str, pretrained: str, *, weights: str = "raw", device="cpu"):
     """``(model in eval mode, preprocess_val)`` from a checkpoint file or an open_clip pretrained tag."""
-    import open_clip
 
     if model_name not in open_clip.list_models():
         raise EvalError(f"unknown model {model_name!r} (see open_clip.list_models())")

@@ -15,43 +15,29 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+import open_clip
 import torch
 
+from open_clip_po.atomic import write_csv, write_json
+from open_clip_po.data.errors import GenderCsvError
+from open_clip_po.data.gender_csv import read_gender_csv as read_rows
+
+from .data import EvalSet, FolderDataset
 from .errors import EvalError
-from .report import SINGLE_FIGSIZE, WIDE_FIGSIZE, new_figure, save_figure, write_csv, write_json
+from .features import (PromptFeatures, apply_head, base_encoders, encode_images, head_towers, head_weight,
+                       load_eval_model, logit_scale, text_side)
+from .gender_lean import lean_split, plot_lean, retrieval_lean
+from .plots import SINGLE_FIGSIZE, WIDE_FIGSIZE, new_figure, save_figure
+from .tsweep import find_crossing, find_crossings, parse_t_values, scaled_heads
 
 # The defaults of open_clip_po.data.gender, so evaluation asks what training taught.
 DEFAULT_CAPTION = "The {gender} is {activity}"
 DEFAULT_NEUTRAL = "The person is {activity}"
 
 
-def find_crossings(ts: Sequence[float], diff: Sequence[float]) -> list[float]:
-    """Every t where ``diff`` is zero or changes sign, linearly interpolated between grid points."""
-    ts, diff = [float(t) for t in ts], [float(d) for d in diff]
-    crossings = []
-    for i in range(len(ts)):
-        if diff[i] == 0.0:
-            crossings.append(ts[i])
-        elif i + 1 < len(ts) and diff[i] * diff[i + 1] < 0:
-            crossings.append(ts[i] + (ts[i + 1] - ts[i]) * diff[i] / (diff[i] - diff[i + 1]))
-    return crossings
-
-
-def find_crossing(ts: Sequence[float], diff: Sequence[float], start: float = 0.0) -> float:
-    """The crossing met first when moving from t = ``start`` (the base model) towards the trained head;
-    if there is none above ``start``, the nearest below it; NaN if ``diff`` never changes sign."""
-    crossings = find_crossings(ts, diff)
-    above = [t for t in crossings if t >= start]
-    if above:
-        return min(above)
-    return max(crossings) if crossings else float("nan")
-
-
 def read_gender_csv(path: str, images_root: str | None = None) -> list[dict]:
     """Rows ``{"image", "gender" ∈ {man, woman}, "activity", ...}`` read by the builders' rules
     (``open_clip_po.data.gender_csv``); the flip needs images of both genders."""
-    from open_clip_po.data.errors import GenderCsvError
-    from open_clip_po.data.gender_csv import read_gender_csv as read_rows
 
     try:
         rows = read_rows(path, images_root)
@@ -71,7 +57,6 @@ def gender_curves(heads: dict, images: torch.Tensor, is_man: torch.Tensor, activ
     ``images`` [N, D]; ``man_text`` / ``woman_text`` / ``neutral_text`` [A, D], row a = activity a.
     Returns lists over t and the per-image ``p_man`` [T, N].
     """
-    from .features import apply_head, text_side
 
     ts = list(heads)
     p_man_all, out = [], {"t": ts, "p_true_gender": [], "p_flipped_gender": [], "p_true_gender_se": [],
@@ -108,7 +93,6 @@ def gender_curves(heads: dict, images: torch.Tensor, is_man: torch.Tensor, activ
 def retrieval_counts(weight_t: torch.Tensor | None, images: torch.Tensor, is_man: torch.Tensor,
                      prompt_text: torch.Tensor, prompts: Sequence[str], k: int, towers: str = "both") -> list[dict]:
     """For each prompt, men and women among the ``k`` images most similar under W_t."""
-    from .features import apply_head, text_side
 
     similarity = apply_head(prompt_text, text_side(weight_t, towers)) @ apply_head(images, weight_t).T   # [P, N]
     top = similarity.topk(min(k, images.shape[0]), dim=-1).indices
@@ -180,7 +164,6 @@ def _check_templates(caption: str, neutral_caption: str) -> None:
 
 def _retrieval_at_key_ts(t_star, weight, images, is_man, prompt_features, prompts, top_k, towers) -> dict:
     """Retrieval's gender mix at t = 0 (the base model), t* (neutral, when there is one) and t = 1 (the head)."""
-    from .sweep import scaled_heads
 
     ts = {"t=0 (base)": 0.0, "t=1 (trained)": 1.0}
     if math.isfinite(t_star):
@@ -194,8 +177,6 @@ def _retrieval_at_key_ts(t_star, weight, images, is_man, prompt_features, prompt
 def _write_gender_outputs(args, curves, ts, rows, kept, skipped, activities, retrieval, is_man, scoring,
                           lean) -> dict:
     """The curves' CSV, the per-image CSV, the JSON and the three PNGs beside ``args.output``; returns the JSON."""
-    from .gender_lean import plot_lean
-    from .sweep import scaled_heads
 
     weight, towers, images, activity, captions, scale = scoring
     output = Path(args.output)
@@ -230,13 +211,7 @@ def _write_gender_outputs(args, curves, ts, rows, kept, skipped, activities, ret
 
 def run_gender(args) -> dict:
     """The ``gender`` subcommand: JSON + CSV of the curves, per-image CSV, and three PNGs."""
-    import open_clip
 
-    from .data import EvalSet, FolderDataset
-    from .features import (PromptFeatures, base_encoders, encode_images, head_towers, head_weight, load_eval_model,
-                           logit_scale)
-    from .gender_lean import lean_split, retrieval_lean
-    from .sweep import parse_t_values, scaled_heads
 
     _check_templates(args.caption, args.neutral_caption)
     ts = parse_t_values(args.t)

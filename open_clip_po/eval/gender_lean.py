@@ -14,8 +14,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .gender import find_crossing
-from .report import SINGLE_FIGSIZE, new_figure, save_figure
+from .features import apply_head, text_side
+from .plots import SINGLE_FIGSIZE, new_figure, save_figure
+from .tsweep import find_crossing
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
@@ -29,7 +30,6 @@ def retrieval_lean(heads: dict, images: torch.Tensor, is_man: torch.Tensor, prom
     an activity prompt, the images of that activity), (mean score of the women − mean of the men) / the pooled
     standard deviation. Graded where the top-k's mix jumps; it is zero where retrieval is gender-neutral, and
     ``t_neutral`` is where each prompt's lean crosses zero (NaN if it does not on the grid)."""
-    from .features import apply_head, text_side
 
     ts = list(heads)
     lean = [[] for _ in groups]

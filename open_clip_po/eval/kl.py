@@ -11,13 +11,20 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+import open_clip
 import torch
 
+from open_clip_po.atomic import write_json
 from open_clip_po.losses.logps import policy_logps
 from open_clip_po.losses.regulariser import categorical_kl
 
+from .data import open_eval_sets
 from .errors import EvalError
-from .report import SINGLE_FIGSIZE, new_figure, save_figure, write_json
+from .features import (PromptFeatures, apply_head, base_encoders, class_prompts, encode_images,
+                       encode_images_normalized, head_towers, head_weight, load_eval_model, logit_scale, text_side,
+                       zero_shot_classifier)
+from .plots import SINGLE_FIGSIZE, new_figure, save_figure
+from .templates import resolve_templates
 
 
 @torch.no_grad()
@@ -51,8 +58,6 @@ def plot_kl(labels: Sequence[str], metrics: Sequence[dict], title: str, path) ->
 
 def _kl_to_own_backbone(model, pretrained, label, clean, tokenizer, templates, scale, direction, kw):
     """Per-image KL of a head model to the same backbone without the head: encode once, apply W or not."""
-    from .features import (PromptFeatures, apply_head, base_encoders, class_prompts, encode_images, head_towers,
-                           head_weight, text_side)
 
     weight = head_weight(model)
     if weight is None:
@@ -69,7 +74,6 @@ def _kl_to_own_backbone(model, pretrained, label, clean, tokenizer, templates, s
 
 def _kl_to_reference(model, ref, label, clean, tokenizer, templates, scale, args, kw):
     """Per-image KL of a model to a reference given by its image features, classifier and scale."""
-    from .features import encode_images_normalized, zero_shot_classifier
 
     ref_features, ref_classifier, ref_scale = ref
     policy = encode_images_normalized(model, clean, desc=label, **kw)
@@ -82,11 +86,7 @@ def _kl_to_reference(model, ref, label, clean, tokenizer, templates, scale, args
 
 def run_kl(args) -> dict:
     """The ``kl`` subcommand: JSON with one entry per checkpoint and a bar chart (PNG)."""
-    import open_clip
 
-    from .data import open_eval_sets
-    from .features import encode_images_normalized, load_eval_model, logit_scale, zero_shot_classifier
-    from .templates import resolve_templates
 
     labels = args.label or [Path(p).stem for p in args.pretrained]
     if len(labels) != len(args.pretrained):

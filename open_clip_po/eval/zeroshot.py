@@ -10,14 +10,16 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import open_clip
 import torch
 from torch import nn
 
-from open_clip_po.unwrap import unwrap
+from open_clip_po.atomic import write_json
+from open_clip_po.towers.unwrap import unwrap
 
 from .data import NO_WRITTEN_CLASS, EvalSet, open_eval_sets
-from .features import encode_images, zero_shot_classifier
-from .report import SINGLE_FIGSIZE, new_figure, save_figure, write_json
+from .features import encode_images, head_weight, load_eval_model, zero_shot_classifier
+from .plots import SINGLE_FIGSIZE, new_figure, save_figure
 from .templates import resolve_templates
 
 log = logging.getLogger(__name__)
@@ -114,9 +116,7 @@ def plot_zeroshot(metrics: dict, num_classes: int, title: str, path) -> Path:
 
 def run_zeroshot(args) -> dict:
     """The ``zeroshot`` subcommand: metrics to ``args.output`` (JSON) and a bar chart beside it (PNG)."""
-    import open_clip
 
-    from .features import load_eval_model, head_weight
 
     templates = resolve_templates(args.template, args.templates_for)
     model, preprocess = load_eval_model(args.model, args.pretrained, weights=args.weights, device=args.device)

@@ -15,23 +15,29 @@ import os
 import sys
 from pathlib import Path
 
+import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip import get_input_dtype
+from open_clip_train.params import parse_args as open_clip_parse_args
+from open_clip_train.precision import get_autocast
 from tqdm import tqdm
 
 from ..atomic import write_text
 from ..checkpoint import atomic_save
+from ..data.classnames import read_classnames
+from ..data.decode import decode_pair, decode_triplet
+from ..data.patterns import expand_shards
+from ..data.skips import SkipCounter
+from ..data.tar import read_samples
+from ..flags import po_argument_parser
+from ..losses.distributed import world_info
 from ..reference import freeze
-from ..text_span import configure_text_span
-from .store import (FORMAT, MANIFEST, PROMPTS_FILE, SHARDS_DIR, CacheError, _load, existing, run_signature,
-                    shard_entry)
+from ..towers.text_span import configure_text_span
+from .store import FORMAT, MANIFEST, PROMPTS_FILE, SHARDS_DIR, CacheError, _load, existing, run_signature, shard_entry
 
 
 def parse_args(argv):
-    from open_clip_train.params import parse_args as open_clip_parse_args
-
-    from ..cli import po_argument_parser
-
     extra = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     extra.add_argument("--out", required=True, help="cache folder (give it to training as --po-ref-cache)")
     ours, rest = extra.parse_known_args(argv)
@@ -48,20 +54,15 @@ def _distributed():
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         torch.distributed.init_process_group(backend)
-    if torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+    return world_info()
 
 
 class Encoder:
     """The reference model in no-grad eval mode, under the run's autocast; float32, normalised features."""
 
     def __init__(self, model, precision, device):
-        from open_clip_train.precision import get_autocast
-
         self.model, self.device = freeze(model), device  # as the online reference is, so both give the same features
         self.autocast = get_autocast(precision, device_type=device.type)
-        from open_clip import get_input_dtype
 
         self.input_dtype = get_input_dtype(precision)
 
@@ -79,10 +80,6 @@ class Encoder:
 
 
 def shard_features(url, kind, encoder, preprocess, tokenize, batch_size) -> dict:
-    from ..data.decode import decode_pair, decode_triplet
-    from ..data.skips import SkipCounter
-    from ..data.tar import read_samples
-
     counter = SkipCounter()
     decode = decode_triplet if kind == "pref" else decode_pair
     keys, images, captions, chunks = [], [], {}, []
@@ -108,10 +105,6 @@ def shard_features(url, kind, encoder, preprocess, tokenize, batch_size) -> dict
 
 
 def build(args) -> Path:
-    import open_clip
-
-    from ..data.patterns import expand_shards
-
     out = Path(args.out)
     rank, world = _distributed()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
@@ -147,7 +140,6 @@ def build(args) -> Path:
 
 def _finish(args, out, encoder, tokenizer, model, preprocess_train, shards) -> None:
     if args.po_classnames:
-        from ..data.classnames import read_classnames
 
         tokens = tokenizer([args.po_template.format(n) for n in read_classnames(args.po_classnames)])
         atomic_save({"tokens": tokens, "text": encoder.texts(tokens)}, out / PROMPTS_FILE)

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..checkpoint import strip_module_prefix
 from ..head import HEAD_ATTR, get_linear_head, has_linear_head
-from ..unwrap import unwrap
+from ..towers.unwrap import unwrap
 from .scaling import SurgeryError, check_head, check_towers, scale_head
 
 

@@ -19,7 +19,7 @@ import traceback
 from pathlib import Path
 
 from .evaluate import evaluate_run
-from .runs import read_plan, record_done, record_failure, run_status, prepare_run, write_plan
+from .runs import prepare_run, read_plan, record_done, record_failure, run_status, write_plan
 from .spec import Grid, GridError, Run, load_grid, main_argv
 
 # Flags that po_launch (scripts/slurm/common.sh) sets from these variables; every other flag of a run goes after

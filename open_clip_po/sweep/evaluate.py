@@ -1,16 +1,18 @@
 """A finished run's evaluation, beside its checkpoint: ``python -m open_clip_po.eval`` zeroshot (clean and attacked
 sets), kl (to the reference) and, for ``--po-linear-head`` runs, the t-sweep — run in this process through the
-CLI's ``main``, so a run is evaluated exactly as a user would evaluate it by hand."""
+eval command line (``open_clip_po.eval.cli.run``), so a run is evaluated exactly as a user would by hand."""
 from __future__ import annotations
 
-import contextlib
-import io
-import json
-import re
 import shlex
 import sys
 import time
 from pathlib import Path
+
+import torch
+
+from open_clip_po.checkpoint import CheckpointError, last_epoch_checkpoint
+from open_clip_po.eval.cli import EvalCommandFailed
+from open_clip_po.eval.cli import run as run_eval
 
 from .spec import Grid, Run, format_value
 
@@ -19,15 +21,6 @@ DEFAULT_T = "-2:3:0.5"
 
 class RunEvalError(RuntimeError):
     """An evaluation step failed; the message says which and why."""
-
-
-def final_checkpoint(folder: Path) -> Path:
-    """The last ``checkpoints/epoch_N.pt`` of an open_clip run folder."""
-    numbered = [(int(m.group(1)), p) for p in (Path(folder) / "checkpoints").glob("epoch_*.pt")
-                if (m := re.fullmatch(r"epoch_(\d+)\.pt", p.name))]
-    if not numbered:
-        raise RunEvalError(f"no checkpoints/epoch_N.pt in {folder} (did training save one?)")
-    return max(numbered)[1]
 
 
 def data_args(grid: Grid, run: Run, attacks: bool = True) -> list[str]:
@@ -64,27 +57,22 @@ def reference_of(grid: Grid, run: Run) -> str | None:
 
 
 def eval_cli(argv: list[str]) -> dict:
-    """``python -m open_clip_po.eval ARGV`` in this process; returns the JSON it wrote."""
-    from open_clip_po.eval.__main__ import main as eval_main
-
-    command = shlex.join([sys.executable, "-m", "open_clip_po.eval", *argv])
-    print(f"sweep: {command}", flush=True)
-    errors = io.StringIO()
-    with contextlib.redirect_stderr(errors):
-        code = eval_main(argv)
-    sys.stderr.write(errors.getvalue())
-    if code:
-        last = errors.getvalue().strip().splitlines()
-        raise RunEvalError(f"{command} failed (exit {code}): {last[-1] if last else 'no message'}")
-    output = argv[argv.index("--output") + 1]
-    return json.loads(Path(output).read_text(encoding="utf-8"))
+    """``python -m open_clip_po.eval ARGV`` in this process, echoed; returns the JSON it wrote."""
+    print(f"sweep: {shlex.join([sys.executable, '-m', 'open_clip_po.eval', *argv])}", flush=True)
+    try:
+        return run_eval(argv)
+    except EvalCommandFailed as e:
+        raise RunEvalError(str(e)) from None
 
 
 def evaluate_run(grid: Grid, run: Run, folder: Path) -> dict:
     """Evaluate the run's last checkpoint; returns the body of its completion record (settings + metrics)."""
     t0 = time.perf_counter()
     folder = Path(folder)
-    ckpt = final_checkpoint(folder)
+    try:
+        ckpt = last_epoch_checkpoint(folder)
+    except CheckpointError as e:
+        raise RunEvalError(str(e)) from None
     out = folder / "eval"
     head = run.flags.get("po-linear-head") is True
     weights = ["--weights", grid.eval.get("weights", "raw")]
@@ -106,10 +94,9 @@ def evaluate_run(grid: Grid, run: Run, folder: Path) -> dict:
     t_sweep = None
     if head:
         t = str(grid.eval.get("t", DEFAULT_T))
-        sweep = eval_cli(["sweep", "--pretrained", str(ckpt), *weights, *data_args(grid, run), f"--t={t}",
-                          "--output", str(out / "sweep.json")])
-        t_sweep = sweep["rows"]
-        files["t_sweep"] = "eval/sweep.json"
+        t_sweep = eval_cli(["tsweep", "--pretrained", str(ckpt), *weights, *data_args(grid, run), f"--t={t}",
+                            "--output", str(out / "tsweep.json")])["rows"]
+        files["t_sweep"] = "eval/tsweep.json"
     return {"name": run.name, "index": run.index, "settings": run.settings, "flags": run.flags,
             "checkpoint": str(ckpt.relative_to(folder)), "linear_head": head,
             "reference": reference if reference is not None else ("own backbone" if head else None),
@@ -118,6 +105,4 @@ def evaluate_run(grid: Grid, run: Run, folder: Path) -> dict:
 
 
 def _default_device() -> str:
-    import torch
-
     return "cuda" if torch.cuda.is_available() else "cpu"

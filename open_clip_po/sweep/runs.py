@@ -18,7 +18,7 @@ import os
 import time
 from pathlib import Path
 
-from open_clip_po.eval.report import write_json
+from open_clip_po.atomic import write_json
 
 from .spec import Grid, Run, grid_from_dict
 

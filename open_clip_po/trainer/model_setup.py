@@ -2,7 +2,7 @@
 
 ``ModelSetup.create_model_and_transforms`` takes open_clip's place: it lets open_clip build the policy, then
 — before resume, locking, the head or DDP touch it — lets its text tower run over each batch's caption span
-(``open_clip_po.text_span``; the reference copy and the head inherit it), chooses the reference strategy (see
+(``open_clip_po.towers.text_span``; the reference copy and the head inherit it), chooses the reference strategy (see
 ``open_clip_po.reference``) and, in linear-head mode, freezes the towers and attaches W.
 """
 from __future__ import annotations
@@ -13,12 +13,15 @@ import os
 
 import torch
 
-from .attention_layout import contiguous_attention_under_autocast
-from .checkpoint import CheckpointError, load_checkpoint
+from ..checkpoint import CheckpointError, load_checkpoint
+from ..data.patterns import expand_shards
+from ..head import attach_linear_head, has_linear_head
+from ..ref_cache import CacheError, load_ref_cache
+from ..ref_cache.store import existing, run_signature
+from ..reference import CachedReference, make_reference
+from ..towers.attention_layout import contiguous_attention_under_autocast
+from ..towers.text_span import configure_text_span
 from .cli import UsageError
-from .head import attach_linear_head, has_linear_head
-from .reference import CachedReference, make_reference
-from .text_span import configure_text_span
 
 COMPILE_LOGGERS = ("torch._dynamo", "torch._subclasses", "torch._inductor")
 
@@ -44,10 +47,6 @@ def explain_bad_pretrained(path, flag: str, error: Exception) -> None:
 
 
 def _load_cache(args, preprocess_train):
-    from .data.patterns import expand_shards
-    from .ref_cache import CacheError, load_ref_cache
-    from .ref_cache.store import existing, run_signature
-
     urls = expand_shards(args.train_data)[0]
     if args.po_reg_data:
         urls += expand_shards(args.po_reg_data, flag="--po-reg-data")[0]

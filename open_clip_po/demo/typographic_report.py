@@ -129,7 +129,7 @@ def write_report(out: Path, *, cfg: dict, counts: dict, rows: list[dict], sweep:
         lines += ["", "![KL to the reference](eval/kl.png)"]
     if sweep is not None:
         lines += ["", f"t-sweep of the {sweep['method']} model (W_t = UΣ^tVᵀ; t = 0 is the pre-trained model, "
-                      "t = 1 the trained head, t < 0 reverses it):", "", "![t-sweep](eval/sweep.png)"]
+                      "t = 1 the trained head, t < 0 reverses it):", "", "![t-sweep](eval/tsweep.png)"]
     if (out / "world_examples.png").exists():
         lines += ["", "The world (rows: objects, labelled objects, words only, signs — a word beside another object, "
                       "captioned by the word — and attacked test images):", "",

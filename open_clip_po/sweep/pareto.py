@@ -16,10 +16,13 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from open_clip_po.atomic import write_text
+from open_clip_po.atomic import write_csv, write_json, write_text
+from open_clip_po.eval.errors import EvalError
+from open_clip_po.eval.plots import new_figure, save_figure
 
-from .errors import EvalError
-from .report import new_figure, save_figure, write_csv, write_json
+from .evaluate import RunEvalError, data_args, eval_cli
+from .runs import DONE, FAILED, PLAN, read_plan, run_status
+from .spec import Run
 
 METRICS = ("clean_top1", "typographic_top1", "written_rate", "kl_to_ref")
 PARETO_FIGSIZE = (9.6, 7.2)
@@ -43,8 +46,6 @@ def _read(path: Path):
 
 def collect(runs_dir: Path) -> tuple[dict, list[dict]]:
     """(the plan's grid or {}, one row per run: name, status, settings, metrics, error, log)."""
-    from open_clip_po.sweep.runs import DONE, FAILED, PLAN, run_status
-
     runs_dir = Path(runs_dir)
     plan = _read(runs_dir / PLAN) or {}
     planned = plan.get("runs", [])
@@ -82,10 +83,6 @@ def collect(runs_dir: Path) -> tuple[dict, list[dict]]:
 def reference_point(runs_dir: Path, evaluate: bool) -> dict | None:
     """Zero-shot metrics of the reference the runs start from ([eval] reference, else base pretrained), evaluated
     once and kept in RUNS_DIR/reference/; None when the grid names none or the runs start from different ones."""
-    from open_clip_po.sweep.evaluate import RunEvalError, data_args, eval_cli
-    from open_clip_po.sweep.runs import read_plan
-    from open_clip_po.sweep.spec import Run
-
     try:
         grid_obj, runs = read_plan(runs_dir)
     except FileNotFoundError:
@@ -225,6 +222,20 @@ def plot_pareto(title: str, rows: Sequence[dict], reference: dict | None, path) 
 
 def _is_ce(row: dict) -> bool:
     return row.get("flags", {}).get("po-loss", row["settings"].get("po-loss")) == "ce"
+
+
+def add_parser(sub) -> None:
+    """``python -m open_clip_po.eval pareto RUNS_DIR``: this report as a subcommand of the eval command line."""
+    p = sub.add_parser("pareto", help="a sweep's runs in one table and the clean-vs-attacked Pareto front",
+                       description="Collect the runs of python -m open_clip_po.sweep / scripts/slurm/sweep.sh: "
+                                   "OUTPUT.csv and OUTPUT.md (every run's settings and metrics, the front marked, "
+                                   "failed and missing runs listed), OUTPUT.png (scatter with the front, the "
+                                   "reference and the CE baseline) and OUTPUT.json. See docs/sweeps.md.")
+    p.add_argument("runs_dir", help="the sweep's runs folder (--out of python -m open_clip_po.sweep, LOGS of sweep.sh)")
+    p.add_argument("--output", default=None, help="output path without suffix (default: RUNS_DIR/pareto)")
+    p.add_argument("--no-reference", action="store_true",
+                   help="do not evaluate the reference model (a result already in RUNS_DIR/reference/ is still used)")
+    p.set_defaults(run=run_pareto)
 
 
 def run_pareto(args) -> dict:

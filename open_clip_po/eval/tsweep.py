@@ -10,10 +10,18 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+import open_clip
 import torch
 
+from open_clip_po.atomic import write_csv, write_json
+from open_clip_po.surgery import head_stats, scale_head
+
+from .data import open_eval_sets
 from .errors import EvalError
-from .report import WIDE_FIGSIZE, new_figure, save_figure, write_csv, write_json
+from .features import (PromptFeatures, apply_head, base_encoders, class_prompts, encode_images, head_towers,
+                       head_weight, load_eval_model, text_side)
+from .plots import WIDE_FIGSIZE, new_figure, save_figure
+from .templates import resolve_templates
 from .zeroshot import top1_and_written
 
 SWEEP_COLUMNS = ("t", "clean_top1", "typographic_top1", "written_rate")
@@ -40,28 +48,46 @@ def parse_t_values(spec: str) -> list[float]:
     return values
 
 
+def find_crossings(ts: Sequence[float], diff: Sequence[float]) -> list[float]:
+    """Every t where ``diff`` is zero or changes sign, linearly interpolated between grid points."""
+    ts, diff = [float(t) for t in ts], [float(d) for d in diff]
+    crossings = []
+    for i in range(len(ts)):
+        if diff[i] == 0.0:
+            crossings.append(ts[i])
+        elif i + 1 < len(ts) and diff[i] * diff[i + 1] < 0:
+            crossings.append(ts[i] + (ts[i + 1] - ts[i]) * diff[i] / (diff[i] - diff[i + 1]))
+    return crossings
+
+
+def find_crossing(ts: Sequence[float], diff: Sequence[float], start: float = 0.0) -> float:
+    """The crossing met first when moving from t = ``start`` (the base model) towards the trained head;
+    if there is none above ``start``, the nearest below it; NaN if ``diff`` never changes sign."""
+    crossings = find_crossings(ts, diff)
+    above = [t for t in crossings if t >= start]
+    if above:
+        return min(above)
+    return max(crossings) if crossings else float("nan")
+
+
 def head_summary(weight: torch.Tensor) -> dict:
     """How far W is from orthogonal (paper App. E / Fig. 8): singular values and ‖WᵀW − I‖."""
-    from open_clip_po.surgery import head_stats
 
     return head_stats(weight.detach().float().cpu())
 
 
 def scaled_heads(weight: torch.Tensor, ts: Sequence[float], towers: str = "both") -> dict[float, torch.Tensor]:
-    from open_clip_po.svd_scale import scale_head
-
     return {t: scale_head(weight.detach().float().cpu(), t, towers) for t in ts}
 
 
 @torch.no_grad()
-def sweep_metrics(weight: torch.Tensor, ts: Sequence[float], prompts, classnames, templates,
+def tsweep_metrics(weight: torch.Tensor, ts: Sequence[float], prompts, classnames, templates,
                   clean: dict, attacked: dict | None = None, towers: str = "both") -> list[dict]:
     """One row per t: clean/attacked top-1 and written-class rate under W_t.
 
     ``clean`` / ``attacked`` are ``encode_images`` results of the *base* (un-headed) image encoder;
     ``prompts`` a ``PromptFeatures`` of the base text encoder holding every class prompt.
     """
-    from .features import apply_head, text_side
 
     rows = []
     for t, w_t in scaled_heads(weight, ts, towers).items():
@@ -107,14 +133,9 @@ def plot_sweep(rows: Sequence[dict], title: str, path) -> Path:
     return save_figure(fig, path)
 
 
-def run_sweep(args) -> dict:
-    """The ``sweep`` subcommand: CSV + JSON rows per t and the Fig. 2 PNG."""
-    import open_clip
+def run_tsweep(args) -> dict:
+    """The ``tsweep`` subcommand: CSV + JSON rows per t and the Fig. 2 PNG."""
 
-    from .data import open_eval_sets
-    from .features import (PromptFeatures, base_encoders, class_prompts, encode_images, head_towers, head_weight,
-                           load_eval_model)
-    from .templates import resolve_templates
 
     ts = parse_t_values(args.t)
     templates = resolve_templates(args.template, args.templates_for)
@@ -132,7 +153,7 @@ def run_sweep(args) -> dict:
     clean_features = encode_images(encode_image, clean, desc=f"clean {clean.name}", **kw)
     attacked_features = None if attacked is None else encode_images(encode_image, attacked, desc="attacked", **kw)
     towers = head_towers(model)
-    rows = sweep_metrics(weight, ts, prompts, clean.classnames, templates, clean_features, attacked_features, towers)
+    rows = tsweep_metrics(weight, ts, prompts, clean.classnames, templates, clean_features, attacked_features, towers)
 
     output = Path(args.output)
     columns = [c for c in SWEEP_COLUMNS if c in rows[0]]

@@ -8,6 +8,9 @@ import logging
 import os
 
 import torch
+from open_clip_train.distributed import is_master
+
+from ..eval.zeroshot import typographic_eval
 
 
 class Evaluator:
@@ -39,12 +42,9 @@ class Evaluator:
                     p.copy_(params[n])
 
     def evaluate_po(self, epoch, tb_writer=None) -> dict:
-        from open_clip_train.distributed import is_master
-
         args = self.args
         if not is_master(args):
             return {}
-        from .eval.zeroshot import typographic_eval
 
         model = self.setup.model
         with self.eval_weights():

@@ -21,12 +21,11 @@ import random
 import types
 
 import webdataset as wds
+from open_clip_train.data import ResampledShards2, SharedEpoch
 from torch.utils.data import get_worker_info
 from webdataset.filters import _shuffle
 
-from open_clip_train.data import ResampledShards2, SharedEpoch
-
-from .data.reader import _WorkerSeed  # the triplet reader's ResampledShards2 seed: one formula for both
+from ..data.reader import _WorkerSeed  # the triplet reader's ResampledShards2 seed: one formula for both
 
 # the module globals of open_clip_train.data that seeded_open_clip_data() replaces
 SEEDED_DATA_GLOBALS = ("wds", "ResampledShards2")

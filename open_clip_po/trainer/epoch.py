@@ -10,7 +10,7 @@ the step log's fields) and keeps only what PO changes:
   the next collective); how many samples each rank really trained on is logged;
 - a non-finite loss skips the step on every rank (they agree through one all-reduce) — ``hooks.bad_step``;
 - in linear-head mode W's gradient is averaged across ranks by hand (no DDP there);
-- ``hooks`` (``open_clip_po.hooks.TrainingHooks``) run at epoch start/end and after each good step;
+- ``hooks`` (``open_clip_po.trainer.hooks.TrainingHooks``) run at epoch start/end and after each good step;
 - an epoch with no optimizer step is an error naming the data, not a run that "succeeds" untrained.
 """
 from __future__ import annotations
@@ -27,10 +27,10 @@ from open_clip_train.distributed import is_master
 from open_clip_train.precision import get_autocast
 from open_clip_train.train import AverageMeter, backward
 
+from ..head import get_linear_head
+from ..losses.distributed import world_info
+from ..towers.unwrap import unwrap
 from .amp import loss_scale, scaler_skipped_step
-from .head import get_linear_head
-from .hooks import TooManyBadSteps  # noqa: F401  (raised through hooks; importable from here as before)
-from .unwrap import unwrap
 
 try:
     import wandb
@@ -56,7 +56,7 @@ def _to_device(batch: dict, device, input_dtype) -> dict:
 
 def _any_rank(flag: bool, device) -> bool:
     """True on every rank if ``flag`` is true on any (one tiny all-reduce)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if world_info()[1] == 1:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -104,18 +104,19 @@ def _forward_backward(model, criterion, batch, last_micro, autocast, scaler, arg
 
 
 def _samples_per_rank(count: int, device) -> list[int]:
-    if not (dist.is_available() and dist.is_initialized()):
+    rank, world_size = world_info()
+    if world_size == 1:
         return [count]
-    t = torch.zeros(dist.get_world_size(), dtype=torch.long, device=device)
-    t[dist.get_rank()] = count
+    t = torch.zeros(world_size, dtype=torch.long, device=device)
+    t[rank] = count
     dist.all_reduce(t)
     return t.tolist()
 
 
 def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=None,
-                    hooks=None, state=None):
-    """``loss`` is a POCriterion; ``hooks`` (``state`` is its older name) a TrainingHooks, or None."""
-    criterion, hooks = loss, hooks if hooks is not None else state
+                    hooks=None):
+    """``loss`` is a POCriterion; ``hooks`` a TrainingHooks, or None."""
+    criterion = loss
     device = torch.device(args.device)
     autocast = get_autocast(args.precision, device_type=device.type)
     input_dtype = get_input_dtype(args.precision)

@@ -1,4 +1,4 @@
-"""What PO adds around open_clip's optimizer steps: the typed state ``open_clip_po.train`` calls into.
+"""What PO adds around open_clip's optimizer steps: the typed state ``open_clip_po.trainer.epoch`` calls into.
 
 - weight averaging (BMA/EMA) after every good step, restored on resume;
 - non-finite steps: counted in a row, ``--po-max-bad-steps`` of them stop the run with a checkpoint;
@@ -16,9 +16,12 @@ import random
 import numpy as np
 import torch
 import torch.distributed as dist
+from open_clip_train.distributed import is_master
 
-from .averaging import create_averager
-from .checkpoint import load_average
+from ..averaging import create_averager
+from ..checkpoint import load_average
+from ..losses.distributed import world_info
+from ..data import SkipLedger
 
 
 class TooManyBadSteps(RuntimeError):
@@ -63,8 +66,6 @@ def _rng_from_checkpoint(saved: dict) -> dict:
 
 class TrainingHooks:
     def __init__(self, args, setup, save_checkpoint):
-        from .data import SkipLedger  # the data package pulls in webdataset; only the trainer needs it
-
         self.args, self.setup, self._save = args, setup, save_checkpoint
         self.ledger = SkipLedger()
         self.averager = None
@@ -105,8 +106,9 @@ class TrainingHooks:
         if epoch + 1 == self.args.epochs:
             self.ledger.log()  # the run's total
         state = _rng_for_checkpoint(capture_rng())
-        if dist.is_available() and dist.is_initialized():
-            gathered = [None] * dist.get_world_size()
+        world_size = world_info()[1]
+        if world_size > 1:
+            gathered = [None] * world_size
             dist.all_gather_object(gathered, state)
             self.rng_states = gathered
         else:
@@ -130,7 +132,6 @@ class TrainingHooks:
         if self.bad_steps < limit:
             return
         path = os.path.join(self.args.checkpoint_path, f"bad_steps_epoch_{epoch}.pt")
-        from open_clip_train.distributed import is_master
 
         if is_master(self.args):
             ckpt = {"epoch": epoch, "name": self.args.name, "state_dict": model.state_dict(),
