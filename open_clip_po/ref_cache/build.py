@@ -37,10 +37,33 @@ from ..towers.text_span import configure_text_span
 from .store import FORMAT, MANIFEST, PROMPTS_FILE, SHARDS_DIR, CacheError, _load, existing, run_signature, shard_entry
 
 
+PROG = "python -m open_clip_po.ref_cache"
+
+
+def own_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, add_help=False, allow_abbrev=False,
+                                description="Compute the frozen reference's features once over the training shards. "
+                                            "Give it the training command's own flags (--model, --pretrained or "
+                                            "--po-ref-model/--po-ref-pretrained, --train-data, --po-reg-data, "
+                                            "--aug-cfg, --precision, --batch-size, ...) plus --out.")
+    p.add_argument("--out", required=True, help="cache folder (give it to training as --po-ref-cache)")
+    return p
+
+
+def print_help() -> None:
+    own_parser().print_help()
+    print()
+    po_argument_parser().print_help()
+    print("\nAll open_clip_train flags are accepted as well (python -m open_clip_train.main --help); the ones the "
+          "cache\nreads are --model, --pretrained, --train-data, --aug-cfg, --precision, --batch-size, "
+          "--force-image-size,\n--image-mean, --image-std, --image-interpolation and --force-context-length.")
+
+
 def parse_args(argv):
-    extra = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    extra.add_argument("--out", required=True, help="cache folder (give it to training as --po-ref-cache)")
-    ours, rest = extra.parse_known_args(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print_help()
+        raise SystemExit(0)
+    ours, rest = own_parser().parse_known_args(argv)
     po, rest = po_argument_parser().parse_known_args(rest)
     args = open_clip_parse_args(rest)
     for key, value in {**vars(po), **vars(ours)}.items():
