@@ -38,7 +38,7 @@ from .epoch import NoTrainingSteps
 from .epoch import train_one_epoch as po_train_one_epoch
 from .evaluator import Evaluator
 from .hooks import TooManyBadSteps, TrainingHooks
-from .model_setup import LocalReplica, ModelSetup  # noqa: F401  (LocalReplica: part of the seam's surface)
+from .model_setup import ModelSetup
 from .options import plain_clip_run
 from .seeding import SEEDED_DATA_GLOBALS, seeded_open_clip_data
 
@@ -195,6 +195,3 @@ def main(argv=None) -> int:
             raise UsageError(str(e)) from e
     return 0 if status in (None, 0) else 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())
