@@ -526,6 +526,19 @@ def test_clip_benchmark_accuracy_trap_and_the_work_around():
             zsc.accuracy(logits, target, topk=(1,))
 
 
+def test_missing_requests_or_clip_benchmark_is_one_line_saying_what_to_install(monkeypatch):
+    from open_clip_po.eval.benchmark import cbench
+    from open_clip_po.eval.errors import EvalError
+
+    monkeypatch.setitem(sys.modules, "requests", None)  # clip_benchmark imports it without declaring it
+    with pytest.raises(EvalError, match=r"needs the 'requests' package: pip install -e '\.\[benchmark\]'"):
+        cbench.modules()
+    monkeypatch.delitem(sys.modules, "requests")
+    monkeypatch.setitem(sys.modules, "clip_benchmark.datasets", None)
+    with pytest.raises(EvalError, match=r"needs clip_benchmark .*pip install -e '\.\[benchmark\]'"):
+        cbench.modules()
+
+
 def test_dataset_names_groups_and_roots():
     from open_clip_po.eval.benchmark.catalog import CATALOG, parse_datasets, to_clip_benchmark_template, wds_root
     from open_clip_po.eval.errors import EvalError
