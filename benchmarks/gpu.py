@@ -181,14 +181,18 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="default: benchmarks/gpu.json for the CUDA run, else "
                                                      "benchmarks/out/gpu-<device>[-quick].json; a PNG goes beside it")
     parser.add_argument("--markdown", default=None,
-                        help="file whose section is replaced (default: BENCHMARKS.md; 'none' writes none)")
+                        help="file whose section is replaced (default: BENCHMARKS.md, none for --quick; 'none' "
+                             "writes none)")
     args = parser.parse_args(argv)
     args.argv = argv
     report = run(args)
     device_type = torch.device(args.device).type
     stem = "gpu" if device_type == "cuda" and not args.quick else f"gpu-{device_type}{'-quick' if args.quick else ''}"
     json_path = Path(args.json or (HERE / (f"{stem}.json" if stem == "gpu" else f"out/{stem}.json")))
-    markdown = None if args.markdown == "none" else Path(args.markdown or HERE.parent / "BENCHMARKS.md")
+    if args.markdown == "none" or (args.markdown is None and args.quick):
+        markdown = None  # a smoke run's figures do not belong in BENCHMARKS.md unless asked for
+    else:
+        markdown = Path(args.markdown or HERE.parent / "BENCHMARKS.md")
     write_outputs(report, json_path, markdown, section_name(device_type, args.quick))
     failed = not report["training_run"]["finite"] or any(m["batch_size"] is None for m in report["models"])
     print(f"done in {report['total_s'] / 60:.1f} min: {json_path}" + (f", {markdown}" if markdown else ""))
