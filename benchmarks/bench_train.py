@@ -23,6 +23,7 @@ in a fresh subprocess (``benchmarks/gpu.py`` reads ``torch.cuda.max_memory_alloc
 """
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 import subprocess
@@ -116,29 +117,37 @@ BF16_REFERENCE_NOTE = ("the online reference's attention runs the policy's GEMMs
                        "(open_clip_po/attention_layout.py; docs/training.md)")
 
 
+def measured(family: str, model_name: str, wanted, repeats: int, **kw):
+    """(steps, FLOPs, median seconds) of one family. Families are measured one at a time (each holds up to four
+    copies of the model and two optimizers)."""
+    gc.collect()
+    steps = family_steps(family, model_name, wanted, **kw)
+    return (steps, *measure(steps, repeats))
+
+
 def step_rows(model_name: str, repeats: int) -> list[dict]:
     rows = []
-    steps = family_steps("full", model_name, None)
-    flops, times = measure(steps, repeats)
+    steps, flops, times = measured("full", model_name, ("clip_span", "clip_stock", "po_online", "po_cache"), repeats)
     rows.append(plain_clip_row(steps, flops, times, model_name, repeats))
     rows.append(po_clip_row("full", "po_online", steps, flops, times, DISTINCT, model_name, repeats))
-    bf16 = family_steps("full", model_name, ("po_online", "clip_span", "clip_stock"), precision="amp_bf16")
-    rows.append(po_clip_row("full", "po_online", bf16, *measure(bf16, repeats), DISTINCT, model_name, repeats,
+    cache_row = po_clip_row("full", "po_cache", steps, flops, times, DISTINCT, model_name, repeats)
+    del steps
+    bf16 = measured("full", model_name, ("po_online", "clip_span", "clip_stock"), repeats, precision="amp_bf16")
+    rows.append(po_clip_row("full", "po_online", *bf16, DISTINCT, model_name, repeats,
                             note=f", amp_bf16 (bfloat16 autocast on CPU); {BF16_REFERENCE_NOTE}", mode_note=", amp_bf16"))
-    rows.append(po_clip_row("full", "po_cache", steps, flops, times, DISTINCT, model_name, repeats))
-    rows.append(head_row(steps, flops, times, model_name, repeats))
-    del steps, bf16
-    classes = family_steps("full", model_name, ("po_online", "clip_span", "clip_stock"), class_captions=CLASSES)
-    rows.append(po_clip_row("full", "po_online", classes, *measure(classes, repeats),
+    del bf16
+    rows.append(cache_row)
+    rows.append(head_row(*measured("full", model_name, ("po_head", "frozen_forward"), repeats), model_name, repeats))
+    rows.append(po_clip_row("full", "po_online", *measured("full", model_name, ("po_online", "clip_span", "clip_stock"),
+                                                           repeats, class_captions=CLASSES),
                             f"{CLASSES}-class template captions, PO-length; the reference's text memo warm",
                             model_name, repeats))
-    whole = family_steps("full", model_name, ("po_cache", "clip_span", "clip_stock"), full_context=True)
-    rows.append(po_clip_row("full", "po_cache", whole, *measure(whole, repeats), FULL_CONTEXT, model_name, repeats))
-    del classes, whole
-    locked = family_steps("lock_text", model_name, None)
-    flops, times = measure(locked, repeats)
+    rows.append(po_clip_row("full", "po_cache", *measured("full", model_name, ("po_cache", "clip_span", "clip_stock"),
+                                                          repeats, full_context=True),
+                            FULL_CONTEXT, model_name, repeats))
+    locked = measured("lock_text", model_name, None, repeats)
     for name in ("po_online", "po_cache"):
-        rows.append(po_clip_row("lock_text", name, locked, flops, times, DISTINCT, model_name, repeats))
+        rows.append(po_clip_row("lock_text", name, *locked, DISTINCT, model_name, repeats))
     return rows
 
 
