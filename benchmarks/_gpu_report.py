@@ -7,7 +7,8 @@ from pathlib import Path
 from open_clip_po.atomic import atomic_path, write_text
 from run import _sections
 
-STEP_LABELS = {"clip_span": "CLIP step over the caption span", "clip_stock": "open_clip's stock CLIP step (full context)",
+STEP_LABELS = {"clip_span": "CLIP step over the caption span",
+               "clip_stock": "open_clip's stock CLIP step (full context)",
                "po_online": "PO, online reference", "po_cache": "PO, reference cache",
                "po_head": "PO, linear head (baseline: the frozen forward)", "frozen_forward": "frozen-backbone forward"}
 FAMILY_LABELS = {"full": "full fine-tune", "lock_text": "--lock-text"}

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent

@@ -134,7 +134,8 @@ def step_rows(model_name: str, repeats: int) -> list[dict]:
     del steps
     bf16 = measured("full", model_name, ("po_online", "clip_span", "clip_stock"), repeats, precision="amp_bf16")
     rows.append(po_clip_row("full", "po_online", *bf16, DISTINCT, model_name, repeats,
-                            note=f", amp_bf16 (bfloat16 autocast on CPU); {BF16_REFERENCE_NOTE}", mode_note=", amp_bf16"))
+                            note=f", amp_bf16 (bfloat16 autocast on CPU); {BF16_REFERENCE_NOTE}",
+                            mode_note=", amp_bf16"))
     del bf16
     rows.append(cache_row)
     rows.append(head_row(*measured("full", model_name, ("po_head", "frozen_forward"), repeats), model_name, repeats))
