@@ -65,17 +65,18 @@ def read_classnames(path) -> list[str]:
 # The globals of open_clip_train.main a PO run replaces, each by the session's attribute of the same name.
 PATCHED = ("parse_args", "create_model_and_transforms", "get_data", "create_loss", "train_one_epoch", "evaluate",
            "pt_load", "torch")
-# A plain CLIP run (no --po-* flag): only the flags (--logs-dir), CPU DDP and atomic saves.
-PLAIN_PATCHED = ("parse_args", "torch")
+# A plain CLIP run (no --po-* flag): only the flags (--logs-dir), the text tower over the caption span, CPU DDP
+# and atomic saves.
+PLAIN_PATCHED = ("parse_args", "create_model_and_transforms", "torch")
 
 
 class POSession:
     """One ``main`` call's parts, wired to the names open_clip's trainer calls."""
 
-    def __init__(self, originals: dict):
+    def __init__(self, originals: dict, plain: bool = False):
         self.orig = originals
         self.args = None
-        self.setup = ModelSetup(lambda: self.args, originals["create_model_and_transforms"])
+        self.setup = ModelSetup(lambda: self.args, originals["create_model_and_transforms"], plain=plain)
         self.create_model_and_transforms = self.setup.create_model_and_transforms
         self.torch = self._torch_proxy()
         self.hooks = self.evaluator = self.codec = None
@@ -167,7 +168,7 @@ def patched_open_clip_train(plain: bool = False):
 
     originals = {name: getattr(ocm, name) for name in PATCHED}
     data_originals = {name: getattr(ocd, name) for name in SEEDED_DATA_GLOBALS}
-    session = POSession(originals)
+    session = POSession(originals, plain=plain)
     try:
         for name in PLAIN_PATCHED if plain else PATCHED:
             setattr(ocm, name, getattr(session, name))
