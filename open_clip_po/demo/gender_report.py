@@ -9,6 +9,7 @@ import platform
 from pathlib import Path
 
 from open_clip_po.atomic import atomic_path, write_json, write_text
+from open_clip_po.eval.plots import legend_outside
 
 TARGET_READS = 0.85          # mean own-gender probability of the pre-trained model (t = 0)
 TARGET_FLIPPED = 0.80        # share of images whose flipped gender wins at t = 1
@@ -120,7 +121,7 @@ def plot_flip(rows: list[dict], path: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(8.8, 4.2))
     for row, colour in zip(rows, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")):
         c = row["curves"]
         ax.plot(c["t"], c["p_true_gender"], "o-", color=colour, ms=3, label=f"{row['method']}: own gender")
@@ -131,7 +132,7 @@ def plot_flip(rows: list[dict], path: Path) -> Path:
     ax.set_xlabel("t  (image head I + t(W − I), paper head UΣ^tVᵀ; 0 pre-trained, 1 trained)")
     ax.set_ylabel("probability (mean over held-out images)")
     ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=7, ncol=2)
+    legend_outside(ax)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -148,15 +149,22 @@ def plot_retrieval_mix(rows: list[dict], path: Path) -> Path:
         width = 0.8 / len(labels)
         for j, label in enumerate(labels):
             xs = [i + (j - (len(labels) - 1) / 2) * width for i in range(len(prompts))]
-            ax.bar(xs, [r["women_fraction"] for r in row["retrieval"][label]], width, label=label)
+            ax.bar(xs, [r["women_fraction"] for r in row["retrieval"][label]], width,
+                   label="t* (neutral)" if label.startswith("t*") else label)   # the value is in the title
         ax.axhline(0.5, color="gray", linestyle="--", linewidth=1)
         ax.set_xticks(range(len(prompts)), prompts, rotation=35, ha="right", fontsize=7)
-        ax.set_title(f"{row['method']}: \"The person is …\"", fontsize=9)
+        ax.set_title(f"{row['method']} (t* = {_f(row['t_star'])}): \"The person is …\"", fontsize=9)
         ax.set_ylim(0, 1)
-        ax.legend(fontsize=7)
     axes[0][0].set_ylabel(f"women among the top {row['retrieval'][labels[0]][0]['k']}")
-    fig.tight_layout()
+    _legend_below(fig, axes[0])
     return _save(fig, path)
+
+
+def _legend_below(fig, axes) -> None:
+    """One legend for all panels, under them (off the data): the panels share their entries."""
+    handles, labels = max((ax.get_legend_handles_labels() for ax in axes), key=lambda hl: len(hl[1]))
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
 
 
 def plot_leans(rows: list[dict], path: Path) -> Path:
@@ -172,12 +180,11 @@ def plot_leans(rows: list[dict], path: Path) -> Path:
             ax.plot(lean["t"], curve, "o-", ms=2, label=prompt.replace("The person is ", ""))
         ax.axhline(0.0, color="gray", linewidth=1)
         if math.isfinite(row["t_star"]):
-            ax.axvline(row["t_star"], color="black", linestyle=":", linewidth=1, label=f"t* = {row['t_star']:.2f}")
-        ax.set_title(row["method"], fontsize=9)
+            ax.axvline(row["t_star"], color="black", linestyle=":", linewidth=1)
+        ax.set_title(f"{row['method']} (t* = {_f(row['t_star'])}, dotted)", fontsize=9)
         ax.set_xlabel("t")
-        ax.legend(fontsize=6)
     axes[0][0].set_ylabel("lean: women − men, in pooled sd")
-    fig.tight_layout()
+    _legend_below(fig, axes[0])
     return _save(fig, path)
 
 
