@@ -171,3 +171,16 @@ def test_patches_readme_names_every_loss_the_project_declares_for_open_clip():
     listed = re.search(r"every one of its (\d+) built-in objectives in that group \([^)]*\): ([^.]+)\.", text)
     assert int(listed.group(1)) == len(declared)
     assert re.findall(r"`(\w+)`", listed.group(2)) == declared
+
+
+def test_stock_open_clip_sees_the_tiny_configs_after_import_open_clip_po_only():
+    """What docs/training.md says of open_clip's own tools: its registry has po-small once open_clip_po is imported
+    (or its folder added), not before."""
+    code = ("import open_clip\n"
+            "try:\n    open_clip.create_model('po-small')\nexcept RuntimeError as e:\n    print('before:', e)\n"
+            "import open_clip_po\n"
+            "print('after:', type(open_clip.create_model_and_transforms('po-small')[0]).__name__)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "before: Model config for 'po-small' not found" in out.stdout
+    assert "after: CLIP" in out.stdout
