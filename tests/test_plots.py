@@ -76,8 +76,9 @@ def test_gender_plots_keep_legends_off_the_bars_and_the_crossing(monkeypatch, tm
     figures = _captured(monkeypatch, eval_gender)
     eval_gender.plot_gender(curves, torch.tensor([True, False] * 3), "people.csv — dpo-image-head epoch_5",
                             tmp_path / "g.png")
+    keys = ("t=0 (base)", "t=1 (trained)", "t*=0.500 (neutral)")
     retrieval = {key: [{"prompt": f"The person is {a}", "k": 10, "men": 5, "women": 5, "women_fraction": 0.5}
-                       for a in ("cooking", "fishing")] for key in ("t=0 (base)", "t=1 (trained)", "t*=0.500 (neutral)")}
+                       for a in ("cooking", "fishing")] for key in keys}
     eval_gender.plot_retrieval(retrieval, tmp_path / "r.png")
     assert [_legends_off_the_data(fig) for fig in figures] == [2, 1]
     assert "dpo-image-head epoch_5" in _texts(figures[0])
