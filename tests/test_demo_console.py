@@ -165,3 +165,29 @@ def test_full_report_has_no_pipeline_check(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "quick_targets" not in report and "pipeline check" not in md and "\nTargets: attacked accuracy" in md
     assert summary_line(report) == "targets: robustness not met, closer to reference than CE not met"
+
+
+def _gender_row(p_true):
+    ts = [-1.0, 0.0, 0.5, 1.0]
+    return {"method": "DPO + image head", "t_star": float("nan"),
+            "curves": {"t": ts, "p_true_gender": p_true, "p_flipped_gender": [1 - p for p in p_true],
+                       "p_true_gender_se": [0.01] * 4, "flipped_choice": [1 - p for p in p_true],
+                       "activity_accuracy": [0.9] * 4},
+            "retrieval": {"t=0 (base)": [{"prompt": "The person is cooking", "k": 10, "women": 7,
+                                          "women_fraction": 0.7}]}}
+
+
+def test_gender_quick_report_checks_the_flips_direction_apart_from_the_claim(tmp_path):
+    from open_clip_po.demo.gender_report import check_gender_quick_targets, write_gender_report
+
+    row = _gender_row([0.95, 0.7, 0.6, 0.55])   # the right direction, far from a flip
+    assert check_gender_quick_targets(row) == {"lower_at_t1": True, "higher_below_0": True, "met": True}
+    assert not check_gender_quick_targets(_gender_row([0.6, 0.7, 0.8, 0.9]))["met"]
+    report = write_gender_report(tmp_path, cfg={"model": "po-small", "pretrain_images": 3000, "quick": True},
+                                 counts={"test": 300}, rows=[row], scaled={}, pretrained="p.pt", timings={})
+    assert report["quick_targets"]["DPO + image head"]["met"]
+    assert not report["targets"]["DPO + image head"]["flips"]
+    md = (tmp_path / "report.md").read_text()
+    own, claim = md.index("Targets of this pipeline check"), md.index("The full demo's claim, measured here but not")
+    assert md.index("A pipeline check (`--quick`)") < own < claim
+    assert "**not met**" not in md[own:claim] and "**not met**" in md[claim:]
