@@ -214,6 +214,7 @@ def test_quick_demo_end_to_end(tmp_path):
     po = [r for r in rows.values() if r["loss"] in ("dpo", "ipo", "kto")]
     assert max(r["attacked"] for r in po) > pre["attacked"]
     assert report["targets"]["po_beats_pretrained_on_attacked"]
+    assert report["quick_targets"]["met"], report["quick_targets"]   # its own targets; the claim is the full run's
     # the numbers in the markdown are the JSON's
     md = (out / "report.md").read_text()
     assert f"| pre-trained | {100 * pre['clean']:.1f} | {100 * pre['attacked']:.1f} |" in md
