@@ -89,6 +89,7 @@ def test_two_ranks_print_each_line_once_from_rank_zero(toy, tmp_path):
         assert console.count(text) == 1, (text, console[-3000:])
     assert "global: 1" not in console and "[rank1]" not in console   # rank 1 says nothing on the console
     assert "WARNING:root:" not in console   # no second, unformatted console handler
+    assert console.count("Device cuda was not available") <= 1   # open_clip's Python warning, on a CPU: once
     # open_clip's out.log (rank 0) has the summary and the early warning too, each once
     out_log = (tmp_path / "two" / "out.log").read_text()
     for text in once[:2] + ["--po-kto-kl has no effect"]:

@@ -67,11 +67,15 @@ class ConsoleSetup:
     def __init__(self, args_of, open_clip_setup_logging):
         self._args_of, self._setup = args_of, open_clip_setup_logging
         self._held = None
+        self._warnings_captured = False
 
     def hold(self) -> None:
         if not logging.root.handlers:   # a host that configured logging (pytest, a notebook) keeps its own
             self._held = _HeldBack()
             logging.root.addHandler(self._held)
+            # Python warnings (open_clip's "Device cuda was not available", once per rank) go the same way
+            logging.captureWarnings(True)
+            self._warnings_captured = True
 
     def setup_logging(self, log_file, level, include_host=False):
         self._setup(log_file, level, include_host)
@@ -89,6 +93,9 @@ class ConsoleSetup:
 
     def release(self) -> None:
         """Records still held (the run stopped before open_clip set up logging) go to stderr."""
+        if self._warnings_captured:
+            logging.captureWarnings(False)
+            self._warnings_captured = False
         if self._held is not None:
             console = logging.StreamHandler(sys.stderr)
             console.setFormatter(logging.Formatter("%(levelname)s | %(message)s"))
