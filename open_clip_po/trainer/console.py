@@ -5,7 +5,8 @@ open_clip gives every rank a console handler at INFO level, so under torchrun ea
 per rank. ``ConsoleSetup.setup_logging`` takes the place of open_clip's ``setup_logging`` (it calls it first): on a
 rank other than 0 the console keeps errors only — the log files (``--log-local``) keep everything. Warnings that
 flag checking logs before open_clip's handlers exist are held back (``logging.warning`` would otherwise give the
-root logger a second console handler, and every later line would print twice) and replayed through them.
+root logger a second console handler, and every later line would print twice) and replayed through them; Python
+warnings go through logging for the run, so they too come once.
 """
 from __future__ import annotations
 
