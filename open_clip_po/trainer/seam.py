@@ -34,6 +34,7 @@ from ..data.errors import ClassnamesError, DataError
 from ..flags import po_argument_parser
 from ..ref_cache import CacheError
 from .cli import UsageError, build_objective, parse_po_args
+from .console import ConsoleSetup, print_help
 from .epoch import NoTrainingSteps
 from .epoch import train_one_epoch as po_train_one_epoch
 from .evaluator import Evaluator
@@ -64,10 +65,10 @@ def read_classnames(path) -> list[str]:
 
 # The globals of open_clip_train.main a PO run replaces, each by the session's attribute of the same name.
 PATCHED = ("parse_args", "create_model_and_transforms", "get_data", "create_loss", "train_one_epoch", "evaluate",
-           "pt_load", "torch")
-# A plain CLIP run (no --po-* flag): only the flags (--logs-dir), the text tower over the caption span, CPU DDP
-# and atomic saves.
-PLAIN_PATCHED = ("parse_args", "create_model_and_transforms", "torch")
+           "pt_load", "torch", "setup_logging")
+# A plain CLIP run (no --po-* flag): only the flags (--logs-dir), the text tower over the caption span, CPU DDP,
+# atomic saves and the console.
+PLAIN_PATCHED = ("parse_args", "create_model_and_transforms", "torch", "setup_logging")
 
 
 class POSession:
@@ -81,6 +82,8 @@ class POSession:
         self.torch = self._torch_proxy()
         self.hooks = self.evaluator = self.codec = None
         self.tokenizer = None
+        self.console = ConsoleSetup(lambda: self.args, originals["setup_logging"])  # rank 0's lines, the summary
+        self.setup_logging = self.console.setup_logging
 
     @property
     def reference(self):
@@ -169,6 +172,7 @@ def patched_open_clip_train(plain: bool = False):
     originals = {name: getattr(ocm, name) for name in PATCHED}
     data_originals = {name: getattr(ocd, name) for name in SEEDED_DATA_GLOBALS}
     session = POSession(originals, plain=plain)
+    session.console.hold()
     try:
         for name in PLAIN_PATCHED if plain else PATCHED:
             setattr(ocm, name, getattr(session, name))
@@ -176,6 +180,7 @@ def patched_open_clip_train(plain: bool = False):
             setattr(ocd, name, value)
         yield session
     finally:
+        session.console.release()
         for name, value in originals.items():
             setattr(ocm, name, value)
         for name, value in data_originals.items():
@@ -185,8 +190,7 @@ def patched_open_clip_train(plain: bool = False):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help") for a in argv):
-        po_argument_parser().print_help()
-        print("\nAll open_clip_train flags are accepted as well (python -m open_clip_train.main --help).")
+        print_help()
         return 0
     plain = plain_clip_run(po_argument_parser().parse_known_args(argv)[0], po_argument_parser())
     with patched_open_clip_train(plain=plain):
