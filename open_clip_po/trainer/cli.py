@@ -144,7 +144,7 @@ def validate(args) -> None:
     try:
         beta = po_losses.parse_hparams(args.po_hparam).get("beta")
         if beta is not None and not (isinstance(beta, (int, float)) and beta > 0):
-            raise UsageError(f"--po-beta (beta) must be > 0, got {beta}")
+            raise UsageError(f"--po-beta must be > 0, got {beta}")
         objective = build_objective(args)
     except (TypeError, ValueError) as e:
         raise UsageError(f"--po-loss {args.po_loss}: {e}".splitlines()[0]) from e
