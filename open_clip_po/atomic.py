@@ -108,12 +108,12 @@ def is_disk_full(error: BaseException) -> bool:
 
 
 def disk_full_error(error: BaseException, path: str | os.PathLike, what: str = "file",
-                    needed: int | None = None, written: int = 0) -> DiskFullError:
+                    needed: int | None = None, written: int = 0, atomic: bool = True) -> DiskFullError:
     """The one-line error for ``error`` (see :func:`is_disk_full`) met while writing ``what`` to ``path``.
 
     ``needed``: the size the file would have had, if known; ``written``: bytes written before the failure (a
-    lower bound when ``needed`` is unknown). Call it once the partial file is gone, so that "free" is what the
-    user has to work with.
+    lower bound when ``needed`` is unknown); ``atomic``: the write was atomic, so ``path`` is as it was. Call it
+    once the partial file is gone, so that "free" is what the user has to work with.
     """
     if isinstance(error, DiskFullError):
         return error
@@ -123,14 +123,14 @@ def disk_full_error(error: BaseException, path: str | os.PathLike, what: str = "
     else:
         size = f"it needs more than the {human_bytes(written)} written when the disk filled" if written else \
             "its size is unknown"
-    where = f"{human_bytes(free)} free on {mount_point(Path(path).parent)}" if free is not None else "free space unknown"
+    where = "free space unknown" if free is None else f"{human_bytes(free)} free on {mount_point(Path(path).parent)}"
     cause = ("disk quota exceeded" if isinstance(error, OSError) and error.errno == errno.EDQUOT
              else "no space left on device")
     if isinstance(error, RuntimeError) and (free is None or needed is None or free >= needed):
         # torch gives no errno, and here the free space does not show a full disk: say what torch said
         cause = f"torch's file writer failed ({str(error).splitlines()[0].strip()[:100]}): a full disk or quota?"
-    return DiskFullError(f"cannot write {what} {path}: {cause}; {size}, {where}; nothing was written there (an "
-                         "earlier file of that name is unchanged)", path, needed, free)
+    kept = "; nothing was written there (an earlier file of that name is unchanged)" if atomic else ""
+    return DiskFullError(f"cannot write {what} {path}: {cause}; {size}, {where}{kept}", path, needed, free)
 
 
 @contextlib.contextmanager

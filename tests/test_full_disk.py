@@ -210,3 +210,43 @@ def test_svd_scale_into_a_full_disk_is_one_line_and_keeps_its_input(tmp_path, sm
                         rf"left on device; it needs about 768 B, \d+ B free on {disk}; nothing was written there "
                         r"\(an earlier file of that name is unchanged\)", err), err
     assert source.read_bytes() == before and not (disk / "scaled.pt").exists()
+
+
+@pytest.mark.integration
+def test_a_shard_builder_into_a_full_disk_is_one_line_and_keeps_the_previous_set(tmp_path, small_disk, capsys):
+    from data_helpers import make_image_folder
+    from open_clip_po.data.typographic import main as typographic_main
+
+    images = make_image_folder(tmp_path / "images", per_class=4)
+    disk = small_disk(4 << 20)
+    out = disk / "shards"
+    argv = ["--images", str(images), "--out", str(out), "--image-size", "32", "--quiet", "--max-count", "4"]
+    assert typographic_main(argv) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".build.lock"}
+    fill(disk, leave=16 << 10)
+    assert typographic_main(argv + ["--image-size", "48"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: cannot write (shard|file) {out}/\S+: no space left on device; .* free on {disk}; "
+                        r"nothing was written there \(an earlier file of that name is unchanged\)", last), last
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".build.lock"} == before
+    assert sorted(p.name for p in disk.iterdir()) == ["filler", "shards"]  # no staging folder left
+
+
+def test_a_full_disk_met_by_a_write_that_is_not_ours_is_named_too(tmp_path):
+    from types import SimpleNamespace
+
+    from open_clip_po.trainer.failures import one_line
+
+    run = tmp_path / "run"
+    args = SimpleNamespace(logs=str(tmp_path), name="run", checkpoint_path=str(run / "checkpoints"),
+                           save_most_recent=False)
+    # open_clip's own params.txt (a plain open()): named, but not claimed intact
+    line = one_line(OSError(errno.ENOSPC, "No space left on device", str(run / "params.txt")), args)
+    assert line.startswith(f"cannot write file {run / 'params.txt'}: no space left on device; its size is unknown, ")
+    assert "unchanged" not in line
+    # a checkpoint of a run that has none yet
+    (run / "checkpoints").mkdir(parents=True)
+    full = atomic.disk_full_error(OSError(errno.ENOSPC, "No space"), run / "checkpoints" / "epoch_1.pt", "checkpoint",
+                                  needed=10)
+    assert one_line(full, args).endswith("; no earlier checkpoint of this run: free space and run again with "
+                                         "--resume latest")

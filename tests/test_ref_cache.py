@@ -194,7 +194,8 @@ def test_a_cache_file_edited_in_place_stops_the_run_naming_it(cached, tmp_path):
     line = run_error(base_args(toy, tmp_path, "negated", "--po-loss", "dpo", "--po-ref-cache", str(cache)))
     assert f"--po-ref-cache: reference cache file {target} does not match the SHA-256" in line
     assert "rebuild the cache" in line
-    assert not (tmp_path / "negated" / "checkpoints").exists() or not any((tmp_path / "negated" / "checkpoints").iterdir())
+    checkpoints = tmp_path / "negated" / "checkpoints"
+    assert not checkpoints.exists() or not any(checkpoints.iterdir())  # nothing trained on the wrong reference
 
 
 def test_a_data_shard_with_two_images_swapped_stops_the_run_naming_it(cached, tmp_path):

@@ -63,7 +63,8 @@ def one_line(error: BaseException, args) -> str | None:
         if not isinstance(error, DiskFullError):  # a write outside our own (open_clip's params.txt, a log)
             where = Path(getattr(args, "logs", ".") or ".") / (getattr(args, "name", "") or "")
             filename = getattr(error, "filename", None)
-            error = disk_full_error(error, filename or where, "file" if filename else "into the run folder")
+            error = disk_full_error(error, filename or where, "file" if filename else "into the run folder",
+                                    atomic=False)
         return str(error) + _resume_note(error.path, args)
     return None
 
