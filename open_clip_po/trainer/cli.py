@@ -35,8 +35,9 @@ def parse_po_args(argv, open_clip_parse_args):
     if ours.logs_dir is not None:
         rest = [*rest, "--logs", ours.logs_dir]
     args = open_clip_parse_args(rest)
-    if missing_logger(args):  # before open_clip makes the run folder and builds the model
-        raise UsageError(missing_logger(args))
+    missing = missing_logger(args)
+    if missing:  # before open_clip makes the run folder and builds the model
+        raise UsageError(missing)
     for key, value in vars(ours).items():
         setattr(args, key, value)
     if "timm" in args.opt and args.eps is None:
