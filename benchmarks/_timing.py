@@ -23,6 +23,26 @@ def interleaved_medians(a, b, repeats: int) -> tuple[float, float]:
     return statistics.median(ta), statistics.median(tb)
 
 
+def wall_seconds(fn) -> float:
+    """Wall-clock seconds of one ``fn()`` call."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved_step_medians(steps: dict, repeats: int, clock=wall_seconds, warmup: int = 1) -> dict:
+    """Median seconds per named step: each warmed up ``warmup`` times, then the steps called in turn ``repeats``
+    times, each call timed by ``clock(fn)``, so that load from elsewhere on the machine hits all of them alike."""
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, fn in steps.items():
+            times[name].append(clock(fn))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def count_flops(fn) -> int:
     """FLOPs of one ``fn()`` call, counted by ``torch.utils.flop_counter.FlopCounterMode`` (not timed).
 

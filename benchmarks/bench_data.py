@@ -7,7 +7,7 @@
    samples per CPU-second (the machine is shared; wall-clock ratio in the details); goal >= 0.9.
    open_clip's pipeline is rebuilt here stage by stage from its own functions, with one change: webdataset
    >= 0.2.96 ends every shard with ``{}``, which its ``group_by_keys_nothrow`` cannot group (KeyError 'fname'),
-   so the tar expander is called with ``eof_value=None``. (Only ``open_clip_po.main`` may patch open_clip.)
+   so the tar expander is called with ``eof_value=None``. (Only ``open_clip_po.trainer.seam`` may patch open_clip.)
 2. Typographic building: images per second for ``build_typographic`` at 224 px (source images 256 px JPEG;
    per image one attacked and one clean sample written), with 2 processes; goal >= 300/s on 2 cores.
 """

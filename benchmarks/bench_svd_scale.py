@@ -1,6 +1,6 @@
 """Checkpoint surgery speed: load + W_t + fold + save of a ViT-B-32-sized checkpoint (random weights).
 
-Runs the CLI's own code path in-process (``open_clip_po.svd_scale.main``), on a checkpoint as
+Runs the CLI's own code path in-process (``open_clip_po.surgery.cli.main``), on a checkpoint as
 ``open_clip_po.main`` writes it: stock weights with a ``module.`` prefix, a 512×512 head, and, in the
 second measurement, AdamW-style optimizer state (two moments per parameter) that the surgery drops.
 The file was just written, so it is read from the page cache: this measures our work, not the disk.

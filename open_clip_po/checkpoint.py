@@ -38,6 +38,7 @@ from pathlib import Path
 import open_clip
 import torch
 
+from . import __version__
 from .atomic import atomic_path
 from .head import HEAD_ATTR, HEAD_PARAM, attach_linear_head, check_towers
 
@@ -243,8 +244,6 @@ class CheckpointCodec:
             out[RNG_KEY] = rng
         if objective:
             out[OBJECTIVE_KEY] = objective
-        from . import __version__
-
         out["po_version"] = __version__
         return out
 

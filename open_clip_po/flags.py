@@ -29,11 +29,14 @@ class _HparamAlias(argparse.Action):
         setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), f"{self.hparam}={value!r}"])
 
 
-def po_argument_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+def po_argument_parser(**parser_kwargs) -> argparse.ArgumentParser:
+    """The ``--po-*`` flags; ``parser_kwargs`` (prog, usage, description, ...) go to ``ArgumentParser`` for a
+    command that prints them in its ``--help``."""
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False, **parser_kwargs)
     g = p.add_argument_group("preference optimisation (open_clip_po)")
-    g.add_argument("--po-loss", default=None,
-                   help="objective, or a comma-separated mixture (dpo,ce): " + ", ".join(po_losses.list_losses()))
+    g.add_argument("--po-loss", default=None, metavar="OBJECTIVE",
+                   help="objective, or a comma-separated mixture (dpo,ce): " + ", ".join(po_losses.list_losses())
+                   + ". Without it (and every other --po-* flag) the run is open_clip's plain CLIP training")
     g.add_argument("--po-loss-weights", default=None,
                    help="weights of a mixture's terms, e.g. 1,0.1 (RPO = dpo,ce); default: all 1")
     g.add_argument("--po-hparam", action="append", default=[], metavar="NAME=VALUE",
@@ -44,7 +47,8 @@ def po_argument_parser() -> argparse.ArgumentParser:
                        help=f"{text}: the same as --po-hparam {name}=VALUE")
     g.add_argument("--po-kto-kl", choices=("mismatched", "exact"), default="mismatched",
                    help="KTO reference point z: TRL's mismatched pairs, or the exact KL over the candidates")
-    g.add_argument("--po-reg-data", default=None, help="clean image-text shards D_reg for the KL regulariser")
+    g.add_argument("--po-reg-data", default=None, metavar="SHARDS",
+                   help="clean image-text shards D_reg for the KL regulariser")
     # None = not given: told apart from the default so that λ without --po-reg-data is an error, not ignored
     g.add_argument("--po-reg-lambda", type=float, default=None, help=f"λ of Eq. 14 (default {REG_LAMBDA_DEFAULT})")
     g.add_argument("--po-reg-kl", choices=("forward", "reverse"), default=None,
@@ -54,11 +58,11 @@ def po_argument_parser() -> argparse.ArgumentParser:
     g.add_argument("--po-strict-data", action="store_true", help="stop at the first bad sample")
     g.add_argument("--po-candidates", choices=("batch", "classes"), default="batch",
                    help="candidate captions of π(y|x): the global batch's, or one prompt per class")
-    g.add_argument("--po-classnames", default=None, help="file with one class name per line")
+    g.add_argument("--po-classnames", default=None, metavar="FILE", help="file with one class name per line")
     g.add_argument("--po-template", default="a photo of a {}.", help="class prompt template")
     g.add_argument("--po-ref-model", default=None, help="reference architecture (default: the policy's)")
     g.add_argument("--po-ref-pretrained", default=None, help="reference weights (default: the policy's start)")
-    g.add_argument("--po-ref-cache", default=None,
+    g.add_argument("--po-ref-cache", default=None, metavar="DIR",
                    help="folder of reference features computed ahead (python -m open_clip_po.ref_cache): no "
                         "reference model is built")
     g.add_argument("--po-ref-cache-verify", type=int, default=0, metavar="N",
@@ -83,13 +87,14 @@ def po_argument_parser() -> argparse.ArgumentParser:
                         "paper's App. H, Beta(γ, γ) weights over the run's steps) or EMA")
     g.add_argument("--po-bma-gamma", type=float, default=0.7, help="BMA's γ; < 1 weights both ends of the run "
                    "(default 0.7, the paper's)")
-    g.add_argument("--po-ema-decay", type=float, default=0.999, help="EMA's decay per optimizer step")
+    g.add_argument("--po-ema-decay", type=float, default=0.999, help="EMA's decay per optimizer step (default 0.999)")
     g.add_argument("--po-eval-weights", choices=("raw", "average"), default="raw",
                    help="weights the epoch-end evaluation uses")
     g.add_argument("--po-eval-images", default=None, help="clean class-folder eval set (per-epoch O accuracy)")
     g.add_argument("--po-eval-typographic", default=None, help="attacked copy of it (per-epoch T accuracy)")
     g.add_argument("--po-max-bad-steps", type=int, default=10, help="non-finite losses in a row before stopping")
-    g.add_argument("--logs-dir", default=None, help="alias of open_clip's --logs (torchrun swallows --logs)")
+    g.add_argument("--logs-dir", default=None, metavar="DIR",
+                   help="alias of open_clip's --logs (torchrun swallows --logs)")
     return p
 
 

@@ -209,7 +209,9 @@ class SlurmCluster:
 # What the scripts read from the environment: none of it may leak in from the shell running the tests.
 SCRIPT_SETTINGS = {"TRAIN_DATA", "REG_DATA", "DATA_DIR", "MODEL", "PRETRAINED", "LOGS", "NAME", "GLOBAL_BATCH",
                    "BATCH_SIZE", "LR", "EPOCHS", "OPT", "EPS", "WD", "WARMUP", "WARMUP_FRACTION", "SEED", "WORKERS",
-                   "PRECISION", "TRAIN_NUM_SAMPLES", "LINEAR_HEAD", "PYTHON", "MASTER_ADDR", "MASTER_PORT"}
+                   "PRECISION", "TRAIN_NUM_SAMPLES", "LINEAR_HEAD", "PYTHON", "MASTER_ADDR", "MASTER_PORT",
+                   "IMAGENET_TRAIN", "IMAGENET100_DIR", "TRIPLET_TEMPLATE", "TRIPLET_SHARD_SIZE", "BENCHMARK_ROOT", "BENCHMARK_DATASETS", "BENCHMARK_TEMPLATES",
+                   "PAINT_FT", "PAINT_ALPHA"}
 
 
 def without_script_settings(env) -> dict:

@@ -214,6 +214,7 @@ def test_quick_demo_end_to_end(tmp_path):
     po = [r for r in rows.values() if r["loss"] in ("dpo", "ipo", "kto")]
     assert max(r["attacked"] for r in po) > pre["attacked"]
     assert report["targets"]["po_beats_pretrained_on_attacked"]
+    assert report["quick_targets"]["met"], report["quick_targets"]   # its own targets; the claim is the full run's
     # the numbers in the markdown are the JSON's
     md = (out / "report.md").read_text()
     assert f"| pre-trained | {100 * pre['clean']:.1f} | {100 * pre['attacked']:.1f} |" in md
@@ -431,10 +432,12 @@ def test_quick_gender_demo_end_to_end(tmp_path):
 
 def test_gender_cli_shares_reach_the_world(tmp_path, monkeypatch):
     """--neutral-share / --hidden-share set the world's config; left out, the defaults stay."""
+    import open_clip_po.demo.gender_cli as gender_cli
     import open_clip_po.demo.gender_run as gender_run
     from open_clip_po.demo.gender_cli import gender_main
     seen = []
-    monkeypatch.setattr(gender_run, "run_gender_demo", lambda cfg, out, **kw: seen.append(cfg) or {"targets": {}})
+    # gender_cli holds its own reference to run_gender_demo: replace that one (else a whole demo runs)
+    monkeypatch.setattr(gender_cli, "run_gender_demo", lambda cfg, out, **kw: seen.append(cfg) or {"targets": {}})
     assert gender_main(["--out", str(tmp_path / "a"), "--neutral-share", "0.2", "--hidden-share", "0"]) == 0
     assert gender_main(["--out", str(tmp_path / "b")]) == 0
     assert (seen[0].neutral_share, seen[0].hidden_share) == (0.2, 0.0)

@@ -625,9 +625,9 @@ def test_module_entry_point_one_line_error_and_help(tmp_path):
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [
         f"python -m open_clip_po.eval zeroshot: error: checkpoint not found: {tmp_path / 'missing.pt'}"]
-    from open_clip_po.eval.__main__ import build_parser
+    from open_clip_po.eval.cli import build_parser
 
-    for command in ("zeroshot", "sweep", "gender", "kl"):
+    for command in ("zeroshot", "tsweep", "sweep", "gender", "kl"):
         with pytest.raises(SystemExit) as exit_info:
             build_parser().parse_args([command, "--help"])
         assert exit_info.value.code == 0

@@ -242,8 +242,8 @@ def test_a_missing_logger_is_named_before_anything_is_built(tmp_path, monkeypatc
     toy = {"pretrained": str(tmp_path / "start.pt"), "pref": str(tmp_path / "p.tar"), "reg": str(tmp_path / "r.tar")}
     with pytest.raises(SystemExit) as exc:
         main(base_args(toy, tmp_path, "tb", "--po-loss", "dpo", "--report-to", "tensorboard"))
-    assert str(exc.value.code) == ("open_clip_po.main: error: --report-to tensorboard needs tensorboard, which is not "
-                                   "installed (pip install tensorboard); nothing was started")
+    assert str(exc.value.code) == ("open_clip_po.main: error: --report-to tensorboard needs tensorboard, not installed "
+                                   "(pip install 'open-clip-po[tensorboard]'); nothing was started")
     assert not (tmp_path / "tb").exists()  # no half-made run folder blocks the same --name later
 
 

@@ -228,6 +228,49 @@ def test_bad_settings_stop_before_launch(recorder, env, message):
     assert code != 0 and argv == [] and f"error: {message}" in log
 
 
+def _launches(log: str) -> list[list[str]]:
+    return [json.loads(line[len("LAUNCH "):]) for line in log.splitlines() if line.startswith("LAUNCH ")]
+
+
+def _captions(shard: Path) -> list[str]:
+    with tarfile.open(shard) as tar:
+        return [tar.extractfile(m).read().decode() for m in tar.getmembers() if m.name.endswith(".yw.txt")]
+
+
+def test_typographic_recipe_builds_triplets_trains_and_benchmarks(recorder, tmp_path):
+    """IMAGENET_TRAIN: the ImageNet-100 triplets are built into an empty DATA_DIR (for real) before training;
+    BENCHMARK_ROOT: after training, eval benchmark of the newest checkpoint beside the pre-trained model."""
+    from benchmark_helpers import write_imagenet_val, write_wds_set
+    from open_clip_po.data.imagenet100 import WNIDS
+
+    write_imagenet_val(tmp_path / "in", WNIDS)
+    write_wds_set(tmp_path / "bench" / "wds_vtab-pets", ["Beagle", "Boxer"], per_class=1)
+    checkpoints = tmp_path / "logs" / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    for epoch in (2, 10):  # the newest by number, not by name
+        (checkpoints / f"epoch_{epoch}.pt").write_bytes(b"")
+    code, train_argv, log = recorder("typographic.sh", DATA_DIR=str(tmp_path / "fresh"), NAME="run",
+                                     IMAGENET_TRAIN=str(tmp_path / "in" / "imagenet" / "val"),
+                                     BENCHMARK_ROOT=str(tmp_path / "bench"), BENCHMARK_DATASETS="pets")
+    assert code == 0, log
+    assert "pets: wds at" in log  # the data sets were checked before training
+    sizes = json.loads((tmp_path / "fresh" / "sizes.json").read_text())
+    assert sum(n for shard, n in sizes.items() if shard.startswith("pref-")) == 100
+    assert all(p.startswith("an image of a ") for p in _captions(tmp_path / "fresh" / "pref-000000.tar"))
+    _, train = _options(train_argv)
+    assert train["--po-average"] == "bma" and train["--train-data"].endswith("fresh/pref-000000.tar")  # 100 < 1000
+    benchmark = _launches(log)[1]
+    cut = benchmark.index("-m")
+    assert benchmark[:cut] == ["--standalone", "--nproc-per-node", "8"]
+    assert benchmark[cut:cut + 3] == ["-m", "open_clip_po.eval", "benchmark"]
+    text = " ".join(benchmark)
+    assert f"--pretrained openai {checkpoints}/epoch_10.pt --label pre-trained --label dpo --weights raw bma" in text
+    for part in ("--datasets pets", f"--dataset-root {tmp_path}/bench", "--typographic", "--device cuda", "--amp",
+                 "--templates defense-prefix",
+                 f"--output {tmp_path}/logs/run/benchmark"):
+        assert part in text
+
+
 # -- a real SLURM on loopback ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -288,6 +331,56 @@ def test_typographic_job_trains_and_checkpoints(slurm, tmp_path):
     ckpt = load_checkpoint(run / "checkpoints" / "epoch_1.pt")
     assert ckpt["epoch"] == 1 and ckpt["name"] == run.name
     assert any(k.endswith("logit_scale") for k in ckpt["state_dict"])
+
+
+
+def test_missing_benchmark_data_stops_before_training(recorder, tmp_path):
+    code, argv, log = recorder("typographic.sh", BENCHMARK_ROOT=str(tmp_path / "nothing"),
+                               BENCHMARK_DATASETS="pets,rta100")
+    assert code != 0 and argv == []
+    assert "error: pets: no test split found" in log and "rta100: not found" in log
+
+
+@pytest.mark.slurm
+@pytest.mark.integration
+@pytest.mark.slow
+def test_typographic_recipe_job_writes_table1(slurm, tmp_path):
+    """The paper's recipe as one job: ImageNet-100 → triplets → DPO with BMA (2 CPU processes) → eval benchmark
+    (2 processes) → Table 1 in the run's folder."""
+    import open_clip
+    import torch
+
+    import open_clip_po  # noqa: F401  (registers po-tiny)
+    from benchmark_helpers import save_checkpoint, write_imagenet_val, write_wds_set
+    from open_clip_po.data.imagenet100 import WNIDS
+
+    write_imagenet_val(tmp_path / "in", WNIDS)
+    bench = tmp_path / "bench"
+    write_wds_set(bench / "wds_vtab-pets", ["Abyssinian", "Beagle", "Bengal", "Birman", "Boxer"], per_class=2)
+    write_imagenet_val(bench, WNIDS)
+    torch.manual_seed(0)
+    pretrained = save_checkpoint(open_clip.create_model("po-tiny"), tmp_path / "pretrained.pt")
+    (tmp_path / "logs").mkdir()
+    env = {**without_script_settings(slurm.env), "SLURM_CONF": str(slurm.conf), "GPUS_PER_NODE": "0",
+           "NPROC_PER_NODE": "2", "GLOBAL_BATCH": "8", "EPOCHS": "1", "MODEL": "po-tiny",
+           "PRETRAINED": str(pretrained), "WORKERS": "0", "DATA_DIR": str(tmp_path / "data"),
+           "LOGS": str(tmp_path / "logs"), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "IMAGENET_TRAIN": str(tmp_path / "in" / "imagenet" / "val"), "BENCHMARK_ROOT": str(bench),
+           "BENCHMARK_DATASETS": "pets,imagenet100", "TRIPLET_SHARD_SIZE": "25"}  # 4 shards for 2 readers
+    try:
+        socket.gethostbyname(slurm.node)
+    except OSError:
+        env["MASTER_ADDR"] = "127.0.0.1"
+    job, state, log = _typographic_job(slurm, tmp_path, env, ["--cpus-per-task=2"])
+    run = tmp_path / "logs" / f"po-typographic-dpo-{job}"
+    assert "building ImageNet-100 triplets" in log and "Train Epoch: 0" in (run / "out.log").read_text()
+    table = (run / "benchmark" / "table1.md").read_text()
+    assert "| Method | OxfordPets O | OxfordPets T | ImageNet-100 O | ImageNet-100 T |" in table
+    assert "| pre-trained |" in table and "| dpo |" in table
+    results = json.loads((run / "benchmark" / "results.json").read_text())
+    assert results["processes"] == 2 and [r["weights"] for r in results["rows"]] == ["raw", "bma"]
+    assert results["rows"][1]["datasets"]["imagenet100"]["metrics"]["typographic"]["num_samples"] == 100
+    assert (run / "benchmark" / "table1.png").is_file()
 
 
 @pytest.fixture(scope="module")

@@ -293,6 +293,15 @@ def test_while_compiling_open_clips_own_full_length_path_runs(tiny_model, tokens
     assert torch.equal(got, full_context(tiny_model, text))
 
 
+def test_a_traced_encoder_keeps_open_clips_full_length(tiny_model, tokens):
+    spanned = rebound_copy(tiny_model).requires_grad_(False)  # (tracing keeps the weights as constants)
+    longer = tokens["po-tiny"].clone()
+    longer[0, 1:12], longer[0, 12] = 320, 49407  # ends at position 12: a span of 16, where the example had 8
+    with torch.no_grad():
+        traced = torch.jit.trace(lambda t: spanned.encode_text(t), (tokens["po-tiny"],), check_trace=False)
+        torch.testing.assert_close(traced(longer), full_context(tiny_model, longer), rtol=1e-5, atol=1e-5)
+
+
 def test_torch_compile_traces_it_in_one_graph(tiny_model, tokens):
     text = tokens["po-tiny"]
     spanned = rebound_copy(tiny_model)

@@ -22,7 +22,6 @@ from pathlib import Path
 from PIL import Image
 
 from ..atomic import disk_full_error, is_disk_full, writer_tag
-from .image_files import IMAGE_EXTENSIONS
 from .publish import SIZES_FILE, StagedBuild
 
 YW, YL, TXT, META = "yw.txt", "yl.txt", "txt", "json"

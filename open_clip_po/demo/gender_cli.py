@@ -34,6 +34,7 @@ from pathlib import Path
 from ..atomic import DiskFullError
 from .gender_run import GenderConfig, full_gender_config, gender_methods, quick_gender_config, run_gender_demo
 from .pipeline import StageError, pretrained_path, setup_logging
+from .progress import interrupted_line
 
 PROG = "python -m open_clip_po.demo gender"
 
@@ -105,7 +106,15 @@ def gender_main(argv) -> int:
     except (StageError, DiskFullError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:
+        print(interrupted_line(PROG, e), file=sys.stderr)
+        return 130
     met = {m: all(v for k, v in t.items() if isinstance(v, bool)) for m, t in report["targets"].items()}
-    print(f"report: {out / 'report.md'} (all targets met: "
-          + (", ".join(f"{m} {'yes' if ok else 'no'}" for m, ok in met.items()) or "no runs") + ")")
+    claim = ", ".join(f"{m} {'yes' if ok else 'no'}" for m, ok in met.items()) or "no runs"
+    if "quick_targets" in report:
+        check = ", ".join(f"{m} {'met' if q['met'] else 'not met'}" for m, q in report["quick_targets"].items())
+        print(f"report: {out / 'report.md'} (pipeline check: {check or 'no runs'}; the full demo's claim, not "
+              f"expected of --quick, all targets met: {claim})")
+    else:
+        print(f"report: {out / 'report.md'} (all targets met: {claim})")
     return 0

@@ -9,6 +9,7 @@ import platform
 from pathlib import Path
 
 from open_clip_po.atomic import atomic_path, write_json, write_text
+from open_clip_po.eval.plots import legend_outside
 
 TARGET_READS = 0.85          # mean own-gender probability of the pre-trained model (t = 0)
 TARGET_FLIPPED = 0.80        # share of images whose flipped gender wins at t = 1
@@ -84,6 +85,23 @@ def check_gender_targets(row: dict) -> dict:
     }
 
 
+def check_gender_quick_targets(row: dict) -> dict:
+    """What ``--quick`` checks, and can meet, for one head: the flip's direction — the own-gender probability lower
+    at t = 1 and higher at the grid's lowest t < 0 than at t = 0 (None when the grid has no t < 0)."""
+    c = row["curves"]
+    own0 = at_t(c, "p_true_gender", 0.0)
+    lowest = min(c["t"])
+    checks = {"lower_at_t1": at_t(c, "p_true_gender", 1.0) < own0,
+              "higher_below_0": at_t(c, "p_true_gender", lowest) > own0 if lowest < 0 else None}
+    return {**checks, "met": all(v for v in checks.values() if v is not None)}
+
+
+QUICK_NOTE = ("> **A pipeline check (`--quick`)**: a smaller world, shorter pre-training and one head, so that every "
+              "stage runs in a few minutes. It checks that the pipeline works and the flip's direction (its own "
+              "targets, first); the demo's claim needs the full run (`python -m open_clip_po.demo gender` without "
+              "`--quick`), and is shown apart.")
+
+
 def _save(fig, path: Path) -> Path:
     """Save a figure as a 256-colour PNG (small enough to keep in the repository)."""
     import io
@@ -103,7 +121,7 @@ def plot_flip(rows: list[dict], path: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(8.8, 4.2))
     for row, colour in zip(rows, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")):
         c = row["curves"]
         ax.plot(c["t"], c["p_true_gender"], "o-", color=colour, ms=3, label=f"{row['method']}: own gender")
@@ -114,7 +132,7 @@ def plot_flip(rows: list[dict], path: Path) -> Path:
     ax.set_xlabel("t  (image head I + t(W − I), paper head UΣ^tVᵀ; 0 pre-trained, 1 trained)")
     ax.set_ylabel("probability (mean over held-out images)")
     ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=7, ncol=2)
+    legend_outside(ax)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -131,15 +149,22 @@ def plot_retrieval_mix(rows: list[dict], path: Path) -> Path:
         width = 0.8 / len(labels)
         for j, label in enumerate(labels):
             xs = [i + (j - (len(labels) - 1) / 2) * width for i in range(len(prompts))]
-            ax.bar(xs, [r["women_fraction"] for r in row["retrieval"][label]], width, label=label)
+            ax.bar(xs, [r["women_fraction"] for r in row["retrieval"][label]], width,
+                   label="t* (neutral)" if label.startswith("t*") else label)   # the value is in the title
         ax.axhline(0.5, color="gray", linestyle="--", linewidth=1)
         ax.set_xticks(range(len(prompts)), prompts, rotation=35, ha="right", fontsize=7)
-        ax.set_title(f"{row['method']}: \"The person is …\"", fontsize=9)
+        ax.set_title(f"{row['method']} (t* = {_f(row['t_star'])}): \"The person is …\"", fontsize=9)
         ax.set_ylim(0, 1)
-        ax.legend(fontsize=7)
     axes[0][0].set_ylabel(f"women among the top {row['retrieval'][labels[0]][0]['k']}")
-    fig.tight_layout()
+    _legend_below(fig, axes[0])
     return _save(fig, path)
+
+
+def _legend_below(fig, axes) -> None:
+    """One legend for all panels, under them (off the data): the panels share their entries."""
+    handles, labels = max((ax.get_legend_handles_labels() for ax in axes), key=lambda hl: len(hl[1]))
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
 
 
 def plot_leans(rows: list[dict], path: Path) -> Path:
@@ -155,12 +180,11 @@ def plot_leans(rows: list[dict], path: Path) -> Path:
             ax.plot(lean["t"], curve, "o-", ms=2, label=prompt.replace("The person is ", ""))
         ax.axhline(0.0, color="gray", linewidth=1)
         if math.isfinite(row["t_star"]):
-            ax.axvline(row["t_star"], color="black", linestyle=":", linewidth=1, label=f"t* = {row['t_star']:.2f}")
-        ax.set_title(row["method"], fontsize=9)
+            ax.axvline(row["t_star"], color="black", linestyle=":", linewidth=1)
+        ax.set_title(f"{row['method']} (t* = {_f(row['t_star'])}, dotted)", fontsize=9)
         ax.set_xlabel("t")
-        ax.legend(fontsize=6)
     axes[0][0].set_ylabel("lean: women − men, in pooled sd")
-    fig.tight_layout()
+    _legend_below(fig, axes[0])
     return _save(fig, path)
 
 
@@ -213,11 +237,12 @@ def write_gender_report(out: Path, *, cfg: dict, counts: dict, rows: list[dict],
     done = [r for r in rows if "curves" in r]
     leaning = [r for r in done if r.get("retrieval_lean")]   # runs whose evaluation measured the retrieval lean
     targets = {r["method"]: check_gender_targets(r) for r in done}
+    quick = {r["method"]: check_gender_quick_targets(r) for r in done} if cfg.get("quick") else None
     report = {"task": "gender_flip_demo",
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
               "config": cfg, "world": counts, "pretrained": pretrained,
-              "methods": [{k: v for k, v in r.items()} for r in rows], "targets": targets, "svd_scale": scaled,
-              "timings_s": timings}
+              "methods": [{k: v for k, v in r.items()} for r in rows], "targets": targets,
+              **({"quick_targets": quick} if quick is not None else {}), "svd_scale": scaled, "timings_s": timings}
     write_json(report, out / "report.json")   # NaN (no crossing) as null
     if done:
         plot_flip(done, out / "flip.png")
@@ -256,7 +281,14 @@ def write_gender_report(out: Path, *, cfg: dict, counts: dict, rows: list[dict],
                      f"({t['rise_noise']:.3f}) | {t['prompts_nearer_parity']}/{t['prompts']}"
                      + (f" ({t['prompts_lean_nearer_parity']}/{t['prompts']})"
                         if t["prompts_lean_nearer_parity"] is not None else "") + " |")
-    lines += ["", "Targets:"]
+    if quick is not None:
+        lines[1:1] = ["", QUICK_NOTE]
+        lines += ["", "Targets of this pipeline check (`--quick`):"]
+        lines += [f"- {m}: own gender lower at t = 1 than at t = 0 {_yes(q['lower_at_t1'])}; higher at the "
+                  "grid's lowest t than at t = 0 " + ("(no t < 0)" if q["higher_below_0"] is None else
+                                                      _yes(q["higher_below_0"])) + "." for m, q in quick.items()]
+    lines += ["", "The full demo's claim, measured here but not expected of `--quick`:" if quick is not None
+              else "Targets:"]
     for m, t in targets.items():
         lines.append(f"- {m}: pre-trained reads gender (own ≥ {TARGET_READS}) {_yes(t['reads_gender'])}; "
                      f"flipped at t = 1 for ≥ {TARGET_FLIPPED:.0%} {_yes(t['flips'])}; activity within "

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from open_clip_po.atomic import atomic_path, write_text
 from open_clip_po.data.shards import META, TXT, ShardWriter, encode_image
 
+from .grid import labelled_grid, save_grid
 from .people import ACTIVITIES, GENDERS, pretrain_caption, render_person
 
 CSV_NAME = "people.csv"
@@ -70,19 +71,24 @@ def write_people_folder(folder: Path, labels: list[tuple[str, str]], seed: int, 
 
 
 def people_grid(csv_path: Path, path: Path, image_size: int = 64, zoom: int = 2) -> Path:
-    """A PNG of example images: one row per gender, one column per activity (two images each)."""
+    """A PNG of example images: one row per gender, one column per activity (two images each), rows and columns
+    named."""
     with open(csv_path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     cells = {}
     for row in rows:
         cells.setdefault((row["gender"], row["activity"]), []).append(csv_path.parent / row["image"])
-    side = image_size * zoom
-    grid = Image.new("RGB", (side * 2 * len(ACTIVITIES), side * len(GENDERS)), "white")
-    for r, gender in enumerate(GENDERS):
-        for c, activity in enumerate(ACTIVITIES):
-            for k, p in enumerate(cells.get((gender, activity), [])[:2]):
-                with Image.open(p) as img:
-                    grid.paste(img.convert("RGB").resize((side, side), Image.NEAREST), ((2 * c + k) * side, r * side))
-    with atomic_path(path) as tmp:
-        grid.quantize(256).save(tmp, format="PNG")
-    return path
+    blank = Image.new("RGB", (image_size, image_size), "white")
+    grid_rows = []
+    for gender in GENDERS:
+        images = []
+        for activity in ACTIVITIES:
+            found = [_rgb(p) for p in cells.get((gender, activity), [])[:2]]
+            images += found + [blank] * (2 - len(found))
+        grid_rows.append((gender, images))
+    return save_grid(labelled_grid(grid_rows, image_size * zoom, columns=list(ACTIVITIES), span=2), path)
+
+
+def _rgb(path: Path) -> Image.Image:
+    with Image.open(path) as img:
+        return img.convert("RGB")

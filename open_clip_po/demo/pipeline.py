@@ -14,7 +14,6 @@ import logging
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from open_clip_po.checkpoint import CheckpointError, last_epoch_checkpoint
 from open_clip_po.eval.cli import EvalCommandFailed
 from open_clip_po.eval.cli import run as eval_cli_run
 
+from .progress import PROGRESS_EVERY, duration, run_watched, stage_named, trainer_log
 from .world import TEXT_SIZE_224
 
 log = logging.getLogger("open_clip_po.demo")
@@ -76,6 +76,7 @@ class DemoConfig:
     methods: tuple[Method, ...] = ()
     sweep_t: str = "-2:3:0.5"
     seed: int = 0
+    quick: bool = False                                           # a pipeline check: its own targets, not the claim
 
 
 HEAD_LR = "3e-2"
@@ -115,7 +116,7 @@ def quick_config() -> DemoConfig:
     return dataclasses.replace(DemoConfig(), num_classes=8, text_size_224=(64, 84),
                                stages=(Stage("read", 500, (0.0, 0.0, 1.0, 0.0), 4),
                                        Stage("see", 300, (0.35, 0.25, 0.15, 0.25), 4)), train_per_class=40,
-                               po_epochs=4, methods=default_methods(quick=True))
+                               po_epochs=4, methods=default_methods(quick=True), quick=True)
 
 
 class StageError(RuntimeError):
@@ -123,29 +124,34 @@ class StageError(RuntimeError):
 
 
 class Runner:
-    """Runs the stages' commands, logging each to ``DIR/commands.txt`` and its output to ``DIR/logs/``."""
+    """Runs the stages' commands, logging each to ``DIR/commands.txt`` and its output to ``DIR/logs/``; while a
+    command runs, the console shows its log's path and its progress (``open_clip_po.demo.progress``)."""
 
-    def __init__(self, out: Path, threads: int | None = None):
+    def __init__(self, out: Path, threads: int | None = None, progress_every: float = PROGRESS_EVERY):
         self.out = out
         self.logs = out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.timings: dict[str, float] = {}
+        self.progress_every = progress_every
         self.env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
         if threads:
             self.env["OMP_NUM_THREADS"] = str(threads)
 
     def run(self, stage: str, argv: list[str]) -> None:
-        with open(self.out / "commands.txt", "a", encoding="utf-8") as f:
-            f.write(shlex.join(argv) + "\n")
-        log.info("[%s] %s", stage, shlex.join(argv))
-        t0 = time.perf_counter()
-        with open(self.logs / f"{stage}.log", "w", encoding="utf-8") as logf:
-            proc = subprocess.run(argv, stdout=logf, stderr=subprocess.STDOUT, env=self.env, cwd=self.out)
+        output, trainer = self.logs / f"{stage}.log", trainer_log(argv, self.out)
+        with stage_named(stage, output):
+            with open(self.out / "commands.txt", "a", encoding="utf-8") as f:
+                f.write(shlex.join(argv) + "\n")
+            log.info("[%s] %s", stage, shlex.join(argv))
+            log.info("[%s] output: %s", stage, output if trainer is None else f"{output} (open_clip's log: {trainer})")
+            t0 = time.perf_counter()
+            returncode = run_watched(argv, stage, output, self.progress_every, env=self.env, cwd=self.out)
         self.timings[stage] = round(time.perf_counter() - t0, 1)
-        if proc.returncode != 0:
-            tail = (self.logs / f"{stage}.log").read_text(encoding="utf-8", errors="replace").strip().splitlines()
-            raise StageError(f"stage {stage!r} failed (exit {proc.returncode}); see {self.logs / stage}.log: "
+        if returncode != 0:
+            tail = output.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+            raise StageError(f"stage {stage!r} failed (exit {returncode}); see {output}: "
                              + (tail[-1] if tail else "no output"))
+        log.info("[%s] done in %s", stage, duration(self.timings[stage]))
 
     def eval(self, stage: str, argv: list[str]) -> None:
         """``python -m open_clip_po.eval ARGV``, in this process, logged like the other stages."""
@@ -156,8 +162,10 @@ class Runner:
             self.timed(stage, run_eval, argv)
 
     def timed(self, stage: str, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` in this process, timed as ``stage``."""
         t0 = time.perf_counter()
-        result = fn(*args, **kwargs)
+        with stage_named(stage):
+            result = fn(*args, **kwargs)
         self.timings[stage] = round(time.perf_counter() - t0, 1)
         return result
 

@@ -43,6 +43,9 @@ def run_demo(cfg: DemoConfig, out: Path, *, pretrained: Path | None = None, quie
     t_start = time.perf_counter()
     runs = out / "runs"
 
+    if cfg.quick:
+        log.info("--quick: a pipeline check (small world, short training, minutes not hours); its report checks "
+                 "its own targets and shows the full demo's claim separately (not expected of --quick)")
     log.info("1/5 world: %d classes, %s pre-training images per class", cfg.num_classes,
              " + ".join(str(s.per_class) for s in cfg.stages))
     counts = runner.timed("world", build_world, cfg, out, quiet, pretrained is None)

@@ -20,6 +20,7 @@ from open_clip_po.data.reader import group_members, iter_tar_members
 from open_clip_po.data.shards import META, TXT, ShardWriter, encode_image
 from open_clip_po.data.skips import SkipCounter
 
+from .grid import labelled_grid, save_grid
 from .world import KINDS, TextStyle, WorldClass, caption, render
 
 
@@ -100,19 +101,13 @@ def write_world_json(path: Path, classes: list[WorldClass], counts: dict) -> Non
 
 
 def examples_grid(world: Path, path: Path, per_row: int = 10, zoom: int = 2) -> Path:
-    """A PNG of example images: one row per pre-training kind, then attacked test images."""
+    """A PNG of example images, each row named: one row per pre-training kind, then attacked test images."""
     def spread(paths):  # evenly across the sorted files, i.e. across classes
         paths = sorted(paths)
         return [Image.open(p).convert("RGB") for p in paths[::max(1, len(paths) // per_row)][:per_row]]
 
     stages = sorted(p for p in world.glob("pretrain-*") if p.is_dir())
-    rows = [shard_examples(stages, kind, per_row) for kind in KINDS]
-    rows.append(spread((world / "test_attacked").rglob("*.png")))
-    rows = [row for row in rows if row]  # no pre-training images when starting from a given checkpoint
-    side = rows[0][0].size[0] * zoom
-    grid = Image.new("RGB", (side * per_row, side * len(rows)), "white")
-    for r, row in enumerate(rows):
-        for c, img in enumerate(row):
-            grid.paste(img.resize((side, side), Image.NEAREST), (c * side, r * side))
-    _save_png(grid, path)
-    return path
+    rows = [(kind, shard_examples(stages, kind, per_row)) for kind in KINDS]
+    rows.append(("attacked test", spread((world / "test_attacked").rglob("*.png"))))
+    rows = [(label, row) for label, row in rows if row]  # no pre-training images when starting from a checkpoint
+    return save_grid(labelled_grid(rows, rows[0][1][0].size[0] * zoom), path)

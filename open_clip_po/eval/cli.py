@@ -31,6 +31,8 @@ from .tsweep import run_tsweep
 from .zeroshot import run_zeroshot
 
 PROG = "python -m open_clip_po.eval"
+# The attacked copy's file names, as open_clip_po.data.typographic --eval-out writes them (tests check the two agree).
+ATTACKED_FILE_NAME = "<stem>_true<T>_written<W>.png"
 
 
 def _int_at_least(minimum: int):
@@ -47,6 +49,10 @@ def _int_at_least(minimum: int):
 
 def _add_model_args(p, pretrained_help="checkpoint file (open_clip_po or stock open_clip) or open_clip pretrained tag",
                     multiple=False):
+    if not multiple:  # kl names its bars with --label, one per checkpoint
+        p.add_argument("--label", default=None,
+                       help="the model's name in plot titles (default: the run's name, NAME of "
+                            "LOGS/NAME/checkpoints/epoch_N.pt, else the file's name)")
     p.add_argument("--model", required=True, help="open_clip model name, e.g. ViT-B-32 or po-tiny")
     if multiple:
         p.add_argument("--pretrained", required=True, nargs="+", help=pretrained_help)
@@ -54,8 +60,8 @@ def _add_model_args(p, pretrained_help="checkpoint file (open_clip_po or stock o
         p.add_argument("--pretrained", required=True, help=pretrained_help)
     p.add_argument("--weights", choices=WEIGHT_CHOICES, default="raw",
                    help="raw weights or the checkpoint's bma/ema average (default: raw)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=64)
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda:0 (default: %(default)s)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=64, help="images per batch (default: %(default)s)")
     p.add_argument("--workers", type=_int_at_least(0), default=2, help="DataLoader workers (default: 2)")
 
 
@@ -75,8 +81,9 @@ def _add_data_args(p, attacks=True):
     if attacks:
         attack = p.add_mutually_exclusive_group()
         attack.add_argument("--typographic", default=None,
-                            help="attacked copy of --images (same class folders; file names record the written "
-                                 "class as 'written-<index>'), or shards whose json has 'written'")
+                            help="attacked copy of --images: the same class folders, each file named "
+                                 f"{ATTACKED_FILE_NAME} (T = true, W = written class index), as open_clip_po.data."
+                                 "typographic --eval-out writes it; or shards whose json has 'written'")
         attack.add_argument("--attack-on-the-fly", action="store_true",
                             help="attack --images while reading (open_clip_po.data.typographic.render_attack)")
         p.add_argument("--seed", type=int, default=0, help="seed of the on-the-fly attack (default: 0)")
@@ -106,8 +113,9 @@ def build_parser(extra: Iterable[Callable] = ()) -> argparse.ArgumentParser:
                        help="accuracy and written-class rate over t for a head checkpoint (Fig. 2)",
                        description="Evaluate a linear-head checkpoint at W_t = U Σ^t Vᵀ (I + t (W − I) for a head "
                                    "on the image tower only) for each t (no files "
-                                   "written per t). Writes OUTPUT (JSON), OUTPUT .csv and OUTPUT .png (metrics vs t "
-                                   "and the OCR-vs-object frontier).")
+                                   "written per t). Writes OUTPUT (JSON), OUTPUT .csv and OUTPUT .png (clean and "
+                                   "attacked top-1 and the written-class rate vs t, and attacked top-1 against the "
+                                   "written-class rate).")
     _add_model_args(p)
     _add_data_args(p)
     p.add_argument("--t", default="-4:4:0.5", help="start:stop:step (stop included) or a comma list "
@@ -120,7 +128,7 @@ def build_parser(extra: Iterable[Callable] = ()) -> argparse.ArgumentParser:
                                    "P(woman) over t, the crossing t* (linear interpolation), activity accuracy with "
                                    "androgynous captions, and men/women among the top-k retrieved images at t = 0, "
                                    "t*, 1. Writes OUTPUT (JSON), OUTPUT .csv (curves), OUTPUT_images.csv, "
-                                   "OUTPUT .png and OUTPUT_retrieval.png.")
+                                   "OUTPUT .png, OUTPUT_retrieval.png and OUTPUT_lean.png.")
     _add_model_args(p)
     p.add_argument("--csv", required=True, help="CSV with a header: image (path, relative to the CSV), gender "
                                                 "(man/woman or male/female), activity")

@@ -27,7 +27,7 @@ from .errors import EvalError
 from .features import (PromptFeatures, apply_head, base_encoders, encode_images, head_towers, head_weight,
                        load_eval_model, logit_scale, text_side)
 from .gender_lean import lean_split, plot_lean, retrieval_lean
-from .plots import SINGLE_FIGSIZE, WIDE_FIGSIZE, new_figure, save_figure
+from .plots import SINGLE_FIGSIZE, WIDE_FIGSIZE, legend_outside, new_figure, run_label, save_figure
 from .tsweep import find_crossing, find_crossings, parse_t_values, scaled_heads
 
 # The defaults of open_clip_po.data.gender, so evaluation asks what training taught.
@@ -115,7 +115,7 @@ def plot_gender(curves: dict, is_man: torch.Tensor, title: str, path) -> Path:
     left.set_xlabel("t")
     left.set_ylim(-0.02, 1.02)
     left.set_title(title, fontsize=9)
-    left.legend(fontsize=8)
+    legend_outside(left)
     p_man = curves["p_man"]
     for i in range(p_man.shape[1]):
         left_or_right = "tab:blue" if bool(is_man[i]) else "tab:red"
@@ -126,8 +126,8 @@ def plot_gender(curves: dict, is_man: torch.Tensor, title: str, path) -> Path:
     right.set_xlabel("t")
     right.set_ylabel("P(man) = 1 − P(woman)")
     right.set_ylim(-0.02, 1.02)
-    right.set_title("per image")
-    right.legend(fontsize=8)
+    right.set_title("per image", fontsize=9)
+    legend_outside(right)
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -146,7 +146,7 @@ def plot_retrieval(retrieval: dict, path) -> Path:
     ax.set_xticklabels(prompts, rotation=30, ha="right", fontsize=7)
     ax.set_ylabel(f"women among top-{retrieval[labels[0]][0]['k']}")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
+    legend_outside(ax)
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -203,7 +203,8 @@ def _write_gender_outputs(args, curves, ts, rows, kept, skipped, activities, ret
         "retrieval_lean": lean,
     }
     write_json(result, output)
-    plot_gender(curves, is_man, f"{Path(args.csv).name} — {args.model}", output.with_suffix(".png"))
+    plot_gender(curves, is_man, f"{Path(args.csv).name} — {args.label or run_label(args.pretrained)} ({args.model})",
+                output.with_suffix(".png"))
     plot_retrieval(retrieval, output.with_name(output.stem + "_retrieval.png"))
     plot_lean(lean, curves["t_star"], output.with_name(output.stem + "_lean.png"))
     return result

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .features import apply_head, text_side
-from .plots import SINGLE_FIGSIZE, new_figure, save_figure
+from .plots import SINGLE_FIGSIZE, legend_outside, new_figure, save_figure
 from .tsweep import find_crossing
 
 
@@ -81,6 +81,6 @@ def plot_lean(lean: dict, t_star: float, path) -> Path:
         ax.axvline(t_star, color="gray", linestyle=":", label=f"t* = {t_star:.3f}")
     ax.set_xlabel("t")
     ax.set_ylabel("lean: (women − men) mean score / pooled sd")
-    ax.legend(fontsize=7)
+    legend_outside(ax)
     fig.tight_layout()
     return save_figure(fig, path)

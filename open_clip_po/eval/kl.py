@@ -23,7 +23,7 @@ from .errors import EvalError
 from .features import (PromptFeatures, apply_head, base_encoders, class_prompts, encode_images,
                        encode_images_normalized, head_towers, head_weight, load_eval_model, logit_scale, text_side,
                        zero_shot_classifier)
-from .plots import SINGLE_FIGSIZE, new_figure, save_figure
+from .plots import SINGLE_FIGSIZE, new_figure, run_label, save_figure
 from .templates import resolve_templates
 
 
@@ -88,7 +88,7 @@ def run_kl(args) -> dict:
     """The ``kl`` subcommand: JSON with one entry per checkpoint and a bar chart (PNG)."""
 
 
-    labels = args.label or [Path(p).stem for p in args.pretrained]
+    labels = args.label or [run_label(p) for p in args.pretrained]
     if len(labels) != len(args.pretrained):
         raise EvalError(f"{len(labels)} --label values for {len(args.pretrained)} checkpoints")
     templates = resolve_templates(args.template, args.templates_for)

@@ -20,7 +20,7 @@ from .data import open_eval_sets
 from .errors import EvalError
 from .features import (PromptFeatures, apply_head, base_encoders, class_prompts, encode_images, head_towers,
                        head_weight, load_eval_model, text_side)
-from .plots import WIDE_FIGSIZE, new_figure, save_figure
+from .plots import WIDE_FIGSIZE, legend_outside, new_figure, run_label, save_figure
 from .templates import resolve_templates
 from .zeroshot import top1_and_written
 
@@ -104,22 +104,22 @@ def tsweep_metrics(weight: torch.Tensor, ts: Sequence[float], prompts, classname
 
 
 def plot_sweep(rows: Sequence[dict], title: str, path) -> Path:
-    """Left: accuracy and written-label rate vs t; right: the OCR-vs-object frontier (Fig. 2)."""
+    """Left: clean and attacked top-1 and the written-class rate vs t; right: their frontier, attacked top-1 vs
+    written-class rate (Fig. 2: reading against seeing)."""
     fig, (left, right) = new_figure(WIDE_FIGSIZE, ncols=2)
     ts = [r["t"] for r in rows]
     left.plot(ts, [100 * r["clean_top1"] for r in rows], "o--", color="tab:blue", label="clean top-1")
     if "typographic_top1" in rows[0]:
-        left.plot(ts, [100 * r["typographic_top1"] for r in rows], "o-", color="tab:orange",
-                  label="top-1 on attacked images")
-        left.plot(ts, [100 * r["written_rate"] for r in rows], "s-", color="tab:red", label="typographic label rate")
+        left.plot(ts, [100 * r["typographic_top1"] for r in rows], "o-", color="tab:orange", label="attacked top-1")
+        left.plot(ts, [100 * r["written_rate"] for r in rows], "s-", color="tab:red", label="written-class rate")
         right.plot([100 * r["written_rate"] for r in rows], [100 * r["typographic_top1"] for r in rows], "-",
                    color="gray", linewidth=1)
         points = right.scatter([100 * r["written_rate"] for r in rows], [100 * r["typographic_top1"] for r in rows],
                                c=ts, cmap="viridis", zorder=3)
         fig.colorbar(points, ax=right, label="t")
-        right.set_xlabel("OCR accuracy: predicts the written class (%)")
-        right.set_ylabel("object accuracy on attacked images (%)")
-        right.set_title("frontier")
+        right.set_xlabel("written-class rate (%)")
+        right.set_ylabel("attacked top-1 (%)")
+        right.set_title("frontier: attacked top-1 vs written-class rate", fontsize=9)
     else:
         right.text(0.5, 0.5, "no attacked images:\nno frontier", ha="center", va="center", transform=right.transAxes)
         right.set_axis_off()
@@ -128,7 +128,7 @@ def plot_sweep(rows: Sequence[dict], title: str, path) -> Path:
     left.set_xlabel("t (scaled head W_t; 0 = base model, 1 = trained head)")
     left.set_ylabel("%")
     left.set_title(title, fontsize=9)
-    left.legend(fontsize=8)
+    legend_outside(left)
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -165,6 +165,7 @@ def run_tsweep(args) -> dict:
               "num_typographic": None if attacked_features is None else int(attacked_features["labels"].numel()),
               "head": {**head_summary(weight), "towers": towers}, "rows": rows}
     write_json(result, output)
-    plot_sweep(rows, f"{result['dataset']} — {args.model}", output.with_suffix(".png"))
+    plot_sweep(rows, f"{result['dataset']} — {args.label or run_label(args.pretrained)} ({args.model})",
+               output.with_suffix(".png"))
     print(f"{len(rows)} values of t from {ts[0]} to {ts[-1]} → {output}, {output.with_suffix('.csv')}")
     return result

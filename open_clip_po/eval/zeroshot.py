@@ -6,7 +6,6 @@ image — the typographic vulnerability itself (paper Table 1/2, Fig. 2).
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -19,7 +18,7 @@ from open_clip_po.towers.unwrap import unwrap
 
 from .data import NO_WRITTEN_CLASS, EvalSet, open_eval_sets
 from .features import encode_images, head_weight, load_eval_model, zero_shot_classifier
-from .plots import SINGLE_FIGSIZE, new_figure, save_figure
+from .plots import SINGLE_FIGSIZE, legend_outside, new_figure, run_label, save_figure
 from .templates import resolve_templates
 
 log = logging.getLogger(__name__)
@@ -109,7 +108,7 @@ def plot_zeroshot(metrics: dict, num_classes: int, title: str, path) -> Path:
     ax.set_ylim(0, 105)
     ax.set_ylabel("%")
     ax.set_title(title, fontsize=9)
-    ax.legend(loc="upper right", fontsize=8)
+    legend_outside(ax)
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -141,7 +140,7 @@ def run_zeroshot(args) -> dict:
     }
     output = Path(args.output)
     write_json(result, output)
-    title = f"{result['dataset']} — {args.model} {os.path.basename(args.pretrained)}"
+    title = f"{result['dataset']} — {args.label or run_label(args.pretrained)} ({args.model})"
     plot_zeroshot(metrics, len(clean.classnames), title, output.with_suffix(".png"))
     summary = ", ".join(f"{k} {100 * metrics[k]:.2f}%" for k in ("clean_top1", "typographic_top1", "written_rate")
                         if k in metrics)

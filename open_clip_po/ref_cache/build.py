@@ -44,20 +44,31 @@ from .verify import file_digest
 PROG = "python -m open_clip_po.ref_cache"
 
 
+# The --po-* flags the cache reads; the training command's other --po-* flags are accepted and ignored.
+PO_FLAGS_READ = ("--po-ref-model", "--po-ref-pretrained", "--po-reg-data", "--po-candidates", "--po-classnames",
+                 "--po-template", "--po-full-text-context")
+
+
 def own_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, add_help=False, allow_abbrev=False,
+                                usage=f"{PROG} --out DIR [the training command's flags]",
                                 description="Compute the frozen reference's features once over the training shards. "
                                             "Give it the training command's own flags (--model, --pretrained or "
                                             "--po-ref-model/--po-ref-pretrained, --train-data, --po-reg-data, "
-                                            "--aug-cfg, --precision, --batch-size, ...) plus --out.")
-    p.add_argument("--out", required=True, help="cache folder (give it to training as --po-ref-cache)")
+                                            "--aug-cfg, --precision, --batch-size, ...) plus --out. One process, "
+                                            "or torchrun (shards split across ranks); a rerun resumes.")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="cache folder (give it to training as --po-ref-cache DIR)")
     return p
 
 
 def print_help() -> None:
     own_parser().print_help()
-    print()
-    po_argument_parser().print_help()
+    formatter = argparse.HelpFormatter(PROG)
+    formatter.start_section("the --po-* flags it reads (the training command's others are accepted and ignored)")
+    formatter.add_arguments([a for a in po_argument_parser()._actions if set(a.option_strings) & set(PO_FLAGS_READ)])
+    formatter.end_section()
+    print("\n" + formatter.format_help(), end="")
     print("\nAll open_clip_train flags are accepted as well (python -m open_clip_train.main --help); the ones the "
           "cache\nreads are --model, --pretrained, --train-data, --aug-cfg, --precision, --batch-size, "
           "--force-image-size,\n--image-mean, --image-std, --image-interpolation and --force-context-length.")

@@ -125,16 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m open_clip_po.sweep.driver", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="step", required=True)
-    s = sub.add_parser("plan")
-    s.add_argument("grid")
-    s.add_argument("--out", required=True)
-    for step in ("element", "run", "finish"):
-        s = sub.add_parser(step)
-        s.add_argument("runs_dir")
-        s.add_argument("--index", type=int, required=True)
+    s = sub.add_parser("plan", help="write RUNS_DIR/sweep.json; print the grid's name and the runs still to do")
+    s.add_argument("grid", help="the sweep's TOML grid")
+    s.add_argument("--out", required=True, metavar="RUNS_DIR", help="the runs' folder")
+    for step, text in (("element", "(SLURM) prepare run I's folder; print it as po_launch variables"),
+                       ("run", "(local) train run I in a prepared folder, then finish it"),
+                       ("finish", "evaluate run I if training exited 0; write eval.json or failed.json")):
+        s = sub.add_parser(step, help=text)
+        s.add_argument("runs_dir", help="the runs' folder written by plan")
+        s.add_argument("--index", type=int, required=True, help="the run's index in the plan (SLURM's array index)")
         if step == "finish":
-            s.add_argument("--train-status", type=int, required=True)
-            s.add_argument("--log", default=None)
+            s.add_argument("--train-status", type=int, required=True, help="exit status of the training command")
+            s.add_argument("--log", default=None, help="the training command's log, for the run's record")
     return p
 
 

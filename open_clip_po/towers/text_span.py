@@ -5,8 +5,8 @@ and a PO step encodes 2B of them. In open_clip's standard tower — a causal att
 (the end-of-text token has the largest id) — no position after the pooled one can reach it: attention looks back
 only, LayerNorm and MLP act per token. So the tower run on ``text[:, :n]``, n = the batch's last pooled position
 + 1, gives the same features and gradients (to float rounding) for a fraction of the FLOPs. n is rounded up to a
-multiple of 8 (fewer distinct shapes, GEMM-friendly); at the full length, and while ``torch.compile`` traces (a
-compiled graph has no data-dependent shapes), open_clip's own method runs.
+multiple of 8 (fewer distinct shapes, GEMM-friendly); at the full length, and while ``torch.compile`` or
+``torch.jit.trace`` traces (such a graph has no data-dependent shapes), open_clip's own method runs.
 
 :func:`run_text_over_caption_span` rebinds the text encoder on the model *instance* — ``encode_text`` of a ``CLIP``,
 ``text.forward`` of a ``CustomTextCLIP``'s ``TextTransformer`` — and leaves any other tower as it is, saying why.
@@ -40,7 +40,9 @@ def caption_span(text: torch.Tensor, multiple: int = SPAN_MULTIPLE) -> int:
 def _span(text: torch.Tensor, context_length: int) -> int | None:
     """The span to run over, or None where open_clip's own full-length method should run. Reading the span is one
     device-to-host sync per call (on GPU)."""
-    if torch.compiler.is_compiling() or text.dim() != 2 or text.shape[0] == 0 or text.shape[1] != context_length:
+    # a traced or compiled graph would keep this batch's span as a constant: it runs open_clip's full length
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or text.dim() != 2 or text.shape[0] == 0 \
+            or text.shape[1] != context_length:
         return None
     n = caption_span(text)
     return n if n < context_length else None

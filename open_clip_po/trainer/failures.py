@@ -26,7 +26,8 @@ from ..ref_cache import CacheError
 from .epoch import NoTrainingSteps
 from .hooks import TooManyBadSteps
 
-LOGGER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+# --report-to name -> how to install what open_clip imports for it
+LOGGER_PACKAGES = {"tensorboard": "pip install 'open-clip-po[tensorboard]'", "wandb": "pip install wandb"}
 
 
 def worker_message(error: BaseException) -> str:
@@ -92,6 +93,5 @@ def missing_logger(args) -> str | None:
     missing = [name for name in LOGGER_PACKAGES if name in wanted and getattr(ocm, name, None) is None]
     if not missing:
         return None
-    packages = " ".join(LOGGER_PACKAGES[name] for name in missing)
-    return (f"--report-to {','.join(sorted(wanted))} needs {packages}, which is not installed (pip install "
-            f"{packages}); nothing was started")
+    return (f"--report-to {','.join(sorted(wanted))} needs {' and '.join(missing)}, not installed "
+            f"({'; '.join(LOGGER_PACKAGES[name] for name in missing)}); nothing was started")

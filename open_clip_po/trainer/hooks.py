@@ -73,6 +73,7 @@ class TrainingHooks:
         self.rng_states: list | None = None    # every rank's, at the end of the last epoch (rank 0 saves them)
         self.resume = None                     # TrainingExtras of the checkpoint resumed from
         self.objective = None                  # the run's objective (its buffers are saved)
+        self.ref_syncs = 0                     # TR-DPO syncs this epoch, logged at its end
 
     # --- epoch boundaries -------------------------------------------------------------------------------------
     def start_of_epoch(self, epoch: int, steps_per_epoch: int, is_master: bool) -> None:
@@ -102,6 +103,10 @@ class TrainingHooks:
             restore_rng(_rng_from_checkpoint(saved[rank]))
 
     def end_of_epoch(self, epoch: int) -> None:
+        if self.args.po_ref_sync_steps and is_master(self.args):
+            logging.info(f"TR-DPO: the reference moved towards the policy {self.ref_syncs} time(s) in epoch {epoch} "
+                         f"(every {self.args.po_ref_sync_steps} optimizer steps, α = {self.args.po_ref_sync_alpha:g})")
+        self.ref_syncs = 0
         self.ledger.log(epoch=epoch)  # sums over ranks: every rank must call it
         if epoch + 1 == self.args.epochs:
             self.ledger.log()  # the run's total
@@ -123,6 +128,7 @@ class TrainingHooks:
         every = self.args.po_ref_sync_steps
         if every and (step + 1) % every == 0:
             self.setup.reference.sync_from(self.setup.model, self.args.po_ref_sync_alpha)
+            self.ref_syncs += 1
 
     def bad_step(self, model, optimizer, scaler, epoch: int, loss: torch.Tensor) -> None:
         self.bad_steps += 1

@@ -66,8 +66,9 @@ def _load_cache(args, preprocess_train, device):
 
 
 class ModelSetup:
-    def __init__(self, args_of, create_model_and_transforms):
+    def __init__(self, args_of, create_model_and_transforms, plain: bool = False):
         self._args_of, self._create = args_of, create_model_and_transforms
+        self.plain = plain         # a plain CLIP run: the caption span only, no reference, no head
         self.model = None          # the policy, as open_clip built it (never wrapped)
         self.reference = None
         self.preprocess_val = None
@@ -92,8 +93,10 @@ class ModelSetup:
         if self.model is None:  # the first call builds the policy (a later one, e.g. a distill teacher, is not ours)
             self.model, self.preprocess_val = built[0], built[2]
             # before the reference copy and the head: both take the policy's text encoder as it is now
-            configure_text_span(built[0], self._args_of().po_full_text_context)
-            self.reference = self._build_reference(built[0], kw, built[1])
+            configure_text_span(built[0], self._args_of().po_full_text_context,
+                                who="the model" if self.plain else "the policy")
+            if not self.plain:
+                self.reference = self._build_reference(built[0], kw, built[1])
         return built
 
     def _build_reference(self, model, create_kwargs, preprocess_train):

@@ -83,14 +83,19 @@ def check_open_clip_options(args) -> None:
             logging.warning(f"{rule.flags} has no effect on PO training: {rule.why}")
 
 
+# Flags that mean the same in a plain CLIP run as in a PO run, so they do not make a run a PO run.
+EVERY_RUN_FLAGS = ("logs_dir", "po_full_text_context")
+
+
 def plain_clip_run(args, po_parser) -> bool:
     """True when no ``--po-*`` option (nor ``--ref-*``) is given: run open_clip's own CLIP training.
 
     The run then only gets what ``open_clip_po.main`` adds to every run (shuffles seeded from ``--seed``,
-    ``--logs-dir``, atomic checkpoints, DDP on CPU). Any PO option without ``--po-loss`` is a PO run that lacks
-    its objective, and validation says so.
+    ``--logs-dir``, the text tower over each batch's caption span unless ``--po-full-text-context``, atomic
+    checkpoints, DDP on CPU). Any other PO option without ``--po-loss`` is a PO run that lacks its objective, and
+    validation says so.
     """
     if getattr(args, "po_loss", None) is not None:
         return False
     defaults = vars(po_parser.parse_args([]))
-    return all(getattr(args, key, value) == value for key, value in defaults.items() if key != "logs_dir")
+    return all(getattr(args, key, value) == value for key, value in defaults.items() if key not in EVERY_RUN_FLAGS)

@@ -34,11 +34,12 @@ from ..data.classnames import read_classnames as read
 from ..data.errors import ClassnamesError, DataError
 from ..flags import po_argument_parser
 from .cli import UsageError, build_objective, parse_po_args
+from .console import ConsoleSetup, print_help
 from .epoch import train_one_epoch as po_train_one_epoch
 from .evaluator import Evaluator
 from .failures import one_line, tell_launcher
 from .hooks import TrainingHooks
-from .model_setup import LocalReplica, ModelSetup  # noqa: F401  (LocalReplica: part of the seam's surface)
+from .model_setup import ModelSetup
 from .options import plain_clip_run
 from .resume import latest_training_checkpoint, not_training_reason
 from .seeding import SEEDED_DATA_GLOBALS, seeded_open_clip_data
@@ -65,23 +66,25 @@ def read_classnames(path) -> list[str]:
 
 # The globals of open_clip_train.main a PO run replaces, each by the session's attribute of the same name.
 PATCHED = ("parse_args", "create_model_and_transforms", "get_data", "create_loss", "train_one_epoch", "evaluate",
-           "pt_load", "torch", "get_latest_checkpoint")
-# A plain CLIP run (no --po-* flag): only the flags (--logs-dir), CPU DDP, atomic saves and --resume latest
-# passing over files that are not training checkpoints.
-PLAIN_PATCHED = ("parse_args", "torch", "get_latest_checkpoint")
+           "pt_load", "torch", "setup_logging", "get_latest_checkpoint")
+# A plain CLIP run (no --po-* flag): only the flags (--logs-dir), the text tower over the caption span, CPU DDP,
+# atomic saves, the console and --resume latest passing over files that are not training checkpoints.
+PLAIN_PATCHED = ("parse_args", "create_model_and_transforms", "torch", "setup_logging", "get_latest_checkpoint")
 
 
 class POSession:
     """One ``main`` call's parts, wired to the names open_clip's trainer calls."""
 
-    def __init__(self, originals: dict):
+    def __init__(self, originals: dict, plain: bool = False):
         self.orig = originals
         self.args = None
-        self.setup = ModelSetup(lambda: self.args, originals["create_model_and_transforms"])
+        self.setup = ModelSetup(lambda: self.args, originals["create_model_and_transforms"], plain=plain)
         self.create_model_and_transforms = self.setup.create_model_and_transforms
         self.torch = self._torch_proxy()
         self.hooks = self.evaluator = self.codec = None
         self.tokenizer = None
+        self.console = ConsoleSetup(lambda: self.args, originals["setup_logging"])  # rank 0's lines, the summary
+        self.setup_logging = self.console.setup_logging
 
     @property
     def reference(self):
@@ -176,7 +179,8 @@ def patched_open_clip_train(plain: bool = False):
 
     originals = {name: getattr(ocm, name) for name in PATCHED}
     data_originals = {name: getattr(ocd, name) for name in SEEDED_DATA_GLOBALS}
-    session = POSession(originals)
+    session = POSession(originals, plain=plain)
+    session.console.hold()
     try:
         for name in PLAIN_PATCHED if plain else PATCHED:
             setattr(ocm, name, getattr(session, name))
@@ -184,6 +188,7 @@ def patched_open_clip_train(plain: bool = False):
             setattr(ocd, name, value)
         yield session
     finally:
+        session.console.release()
         for name, value in originals.items():
             setattr(ocm, name, value)
         for name, value in data_originals.items():
@@ -193,8 +198,7 @@ def patched_open_clip_train(plain: bool = False):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a in ("-h", "--help") for a in argv):
-        po_argument_parser().print_help()
-        print("\nAll open_clip_train flags are accepted as well (python -m open_clip_train.main --help).")
+        print_help()
         return 0
     plain = plain_clip_run(po_argument_parser().parse_known_args(argv)[0], po_argument_parser())
     with patched_open_clip_train(plain=plain) as session:
@@ -211,6 +215,3 @@ def main(argv=None) -> int:
             raise UsageError(message) from e
     return 0 if status in (None, 0) else 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -147,6 +147,8 @@ po_launch() {
 
     local job_id="${SLURM_JOB_ID:-$$}"
     local name="${NAME:-${SLURM_JOB_NAME:-po}-${PO_LOSS}-${job_id}}"
+    # shellcheck disable=SC2034  # read by the task scripts after po_launch (typographic.sh's benchmark)
+    PO_RUN_DIR="$LOGS/$name"
     local master_addr master_port
     if [ -n "${MASTER_ADDR:-}" ]; then
         master_addr=$MASTER_ADDR
