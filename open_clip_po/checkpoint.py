@@ -8,6 +8,7 @@ Written by ``open_clip_po.main`` (``logs/NAME/checkpoints/epoch_N.pt``, ``epoch_
       "po_head": {"weight": W, "towers": "both" | "image"},   # only with --po-linear-head: W [D, D],
                                     # features f -> W f before normalising, on both towers or the image's
                                     # (a missing "towers" is "both")
+      "po_head_note": str,          # with po_head: says that stock open_clip loads the towers without W
       "po_average": {               # only with --po-average bma|ema
           "kind": "bma" | "ema",
           "state_dict": {...},      # averaged stock model weights (no "module." prefix)
@@ -23,7 +24,9 @@ Written by ``open_clip_po.main`` (``logs/NAME/checkpoints/epoch_N.pt``, ``epoch_
 ``CheckpointCodec`` is the one place that moves these parts into and out of open_clip's dict; everything else
 reads checkpoints through it or through ``model_weights``. Keeping the head out of ``state_dict`` means every checkpoint loads in stock
 ``open_clip.create_model_and_transforms(name, pretrained=path)`` (without the head);
-``open_clip_po.svd_scale`` folds the head in when it should count.
+``open_clip_po.svd_scale`` folds the head in when it should count. Stock open_clip cannot be made to warn that it
+left the head out (it reads ``state_dict`` and ignores other keys), so the checkpoint says it in ``po_head_note``
+and open_clip_po's own commands warn when they hand such a file to open_clip (``dropped_head_warning``).
 """
 from __future__ import annotations
 
@@ -40,6 +43,9 @@ from .atomic import atomic_path
 from .head import HEAD_ATTR, HEAD_PARAM, attach_linear_head, check_towers
 
 HEAD_KEY = HEAD_ATTR
+HEAD_NOTE_KEY = "po_head_note"
+HEAD_NOTE = ("po_head holds a linear head W that stock open_clip does not load (create_model(..., pretrained=this "
+             "file) gives the towers without it); fold it in with: python -m open_clip_po.svd_scale THIS_FILE --t 1")
 AVERAGE_KEY = "po_average"
 REFERENCE_KEY = "po_reference"
 RNG_KEY = "po_rng"
@@ -133,6 +139,28 @@ def join_head(state_dict: dict, head: torch.Tensor | None, prefix: str = "") -> 
     return joined
 
 
+def peek_checkpoint(path: str | os.PathLike):
+    """The top-level dict of a local checkpoint without reading its tensors (``mmap``); None if torch cannot
+    read the file (``load_checkpoint`` then says what it is)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a file, not a zip checkpoint, truncated, ...
+        return None
+
+
+def dropped_head_warning(path, flag: str) -> str | None:
+    """A warning when ``path`` (given as ``flag``) is a checkpoint with a linear head that open_clip, which builds
+    the model from it, will leave out."""
+    if not path or "://" in str(path) or not os.path.isfile(path):
+        return None
+    ckpt = peek_checkpoint(path)
+    if not isinstance(ckpt, dict) or ckpt.get(HEAD_KEY) is None:
+        return None
+    return (f"{flag} {path} holds a linear head (po_head) that open_clip leaves out: the model starts from the "
+            f"towers without W. To start from the head's model, fold it first: python -m open_clip_po.svd_scale "
+            f"{path} --t 1")
+
+
 def head_entry(weight: torch.Tensor, towers: str = "both") -> dict:
     """The ``po_head`` entry of a checkpoint."""
     return {"weight": weight, "towers": towers}
@@ -207,6 +235,7 @@ class CheckpointCodec:
         out["state_dict"], head = split_head(ckpt["state_dict"])
         if head is not None:
             out[HEAD_KEY] = head_entry(head, self.head_towers)
+            out[HEAD_NOTE_KEY] = HEAD_NOTE
         if averager is not None:
             out[AVERAGE_KEY] = average_entry(averager, ckpt["state_dict"], self.head_towers)
         if reference is not None:
@@ -230,18 +259,40 @@ class CheckpointCodec:
         if towers is not None and towers != self.head_towers:
             raise CheckpointError(f"{path} has a head on {towers} tower(s); resume it with --po-head-towers {towers}")
         state_dict = {prefix + k: v for k, v in strip_module_prefix(ckpt["state_dict"]).items()}
-        decoded = {k: v for k, v in ckpt.items() if k not in (HEAD_KEY, AVERAGE_KEY, REFERENCE_KEY, RNG_KEY,
-                                                                OBJECTIVE_KEY)}
+        decoded = {k: v for k, v in ckpt.items() if k not in (HEAD_KEY, HEAD_NOTE_KEY, AVERAGE_KEY, REFERENCE_KEY,
+                                                                RNG_KEY, OBJECTIVE_KEY)}
         decoded["state_dict"] = join_head(state_dict, None if head is None else head["weight"], prefix)
         extras = TrainingExtras(ckpt.get(AVERAGE_KEY), ckpt.get(REFERENCE_KEY), ckpt.get(RNG_KEY),
                                 ckpt.get(OBJECTIVE_KEY))
         return decoded, extras
 
 
-def atomic_save(obj, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, then rename: never a half-written file."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+def tensor_bytes(obj) -> int:
+    """The bytes of the tensors in nested dicts/lists/tuples, each storage once: about what ``torch.save`` writes."""
+    seen, total, stack = set(), 0, [obj]
+    while stack:
+        item = stack.pop()
+        if torch.is_tensor(item):
+            storage = item.untyped_storage()
+            key = (storage.data_ptr(), storage.nbytes())
+            if key not in seen:
+                seen.add(key)
+                total += storage.nbytes()
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return total
+
+
+def atomic_save(obj, path: str | os.PathLike, what: str = "checkpoint") -> Path:
+    """``torch.save`` to a temporary file in the same folder, then rename: never a half-written file. A full disk
+    is ``atomic.DiskFullError`` (one line: ``what``, where, the size needed, the space free)."""
+    with atomic_path(path, what, needed=tensor_bytes(obj)) as tmp:
+        # A file object we close, not a path: a failed torch.save's writer lives on in the traceback and, on a full
+        # disk, holds the deleted partial file's space. (The archive's inner name is then "archive/".)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
     return Path(path)
 
 
@@ -251,8 +302,6 @@ def create_model_from_checkpoint(model_name: str, path: str | os.PathLike, weigh
 
     Returns ``(model, preprocess_train, preprocess_val)`` like ``open_clip.create_model_and_transforms``.
     """
-
-
     checkpoint = load_checkpoint(path)
     state_dict, head = model_weights(checkpoint, weights, str(path))
     towers = head_towers(checkpoint, weights, str(path))

@@ -65,6 +65,9 @@ def po_argument_parser(**parser_kwargs) -> argparse.ArgumentParser:
     g.add_argument("--po-ref-cache", default=None, metavar="DIR",
                    help="folder of reference features computed ahead (python -m open_clip_po.ref_cache): no "
                         "reference model is built")
+    g.add_argument("--po-ref-cache-verify", type=int, default=0, metavar="N",
+                   help="at start-up, recompute N samples' reference features from --pretrained (or --po-ref-*) and "
+                        "compare them with the cache's (the cache's digests are always checked; default 0)")
     g.add_argument("--po-ref-cache-approximate", action="store_true",
                    help="accept a cache under random training augmentation (the cached view is not the trained one)")
     g.add_argument("--po-ref-sync-steps", type=int, default=0,

@@ -78,4 +78,11 @@ def test_amp_run_counts_bad_batches_but_not_scaler_skips(toy, tmp_path, monkeypa
     assert skips >= 1
     ckpt = load_checkpoint(tmp_path / "amp" / "checkpoints" / "epoch_1.pt")
     assert ckpt["scaler"]["scale"] == 65536.0 / 2 ** skips  # one backoff per skip; the bad batch never reached it
+    # of 6 batches, the bad one made no step and the scaler did not take `skips` of the other 5: only the rest
+    # count as done, and only their samples as trained on
+    done = [r.getMessage() for r in caplog.records if "Train Epoch: 0 done:" in r.getMessage()]
+    assert len(done) == 1
+    assert done[0].startswith(f"Train Epoch: 0 done: {5 - skips}/6 optimizer steps; samples trained on per rank: "
+                              f"[{(5 - skips) * 16}]; {skips} step(s) not taken: the GradScaler found inf/NaN "
+                              "gradients"), done[0]
     assert ckpt["po_average"]["state"]["num_updates"] == 6 - 1 - skips  # neither kind of skipped step is averaged

@@ -3,6 +3,7 @@ that something else would make inert, files that are not what they claim, and ru
 from __future__ import annotations
 
 import io
+import logging
 import re
 import tarfile
 from pathlib import Path
@@ -172,3 +173,96 @@ def test_a_checkpoint_in_the_earlier_format_still_resumes(tmp_path, caplog):
     assert resumed["epoch"] == 2 and resumed["po_average"]["state"]["num_updates"] == 8
     assert not torch.equal(resumed["po_head"]["weight"], ckpt["po_head"]["weight"])
     assert "the checkpoint has no RNG states" in caplog.text
+
+
+@pytest.mark.slow
+def test_resume_latest_passes_over_svd_scale_outputs_and_says_so(tmp_path, caplog):
+    from open_clip_po.surgery.cli import main as svd_main
+
+    toy = make_toy(tmp_path / "data", num_samples=32, per_shard=16)
+    argv = base_args(toy, tmp_path, "head", "--po-loss", "dpo", "--po-linear-head", "--batch-size", "8", epochs=1)
+    argv.remove("--save-most-recent")  # then open_clip's latest-finder picks the file, from checkpoints/ and below
+    run_in_process(argv)
+    checkpoints = tmp_path / "head" / "checkpoints"
+    # the default output goes beside checkpoints/, where the finder does not look
+    assert svd_main([str(checkpoints / "epoch_1.pt"), "--t", "0.5"]) == 0
+    assert (tmp_path / "head" / "svd_scale" / "epoch_1.t0.5.pt").is_file()
+    # outputs put into checkpoints/ by hand sort after epoch_1.pt: they are passed over, with a log line each
+    for extra in (["--t", "0.5", "--keep-head"], ["--t", "-2"]):
+        name = "epoch_1.t0.5.head.pt" if "--keep-head" in extra else "epoch_1.t-2.pt"
+        assert svd_main([str(checkpoints / "epoch_1.pt"), *extra, "--out", str(checkpoints / name)]) == 0
+    caplog.set_level(logging.INFO)
+    resume = [a if a != "1" or argv[i - 1] != "--epochs" else "2" for i, a in enumerate(argv)]
+    run_in_process(resume + ["--resume", "latest"])
+    passed_over = [r.getMessage() for r in caplog.records if "--resume latest: passing over" in r.getMessage()]
+    assert len(passed_over) == 2
+    assert all("not a training checkpoint (it was written by svd_scale" in m for m in passed_over)
+    assert f"Found latest resume checkpoint at {checkpoints / 'epoch_1.pt'}" in caplog.text
+    assert load_checkpoint(checkpoints / "epoch_2.pt")["epoch"] == 2
+    # given by name, an svd_scale output is refused with one line saying what it is and what to do
+    with pytest.raises(SystemExit) as exc:
+        main(resume + ["--name", "other", "--resume", str(checkpoints / "epoch_1.t-2.pt")])
+    text = str(exc.value.code)
+    assert text == (f"open_clip_po.main: error: --resume {checkpoints / 'epoch_1.t-2.pt'} is not a training "
+                    f"checkpoint: it was written by svd_scale (t = -2.0, from {checkpoints / 'epoch_1.pt'}) and holds "
+                    "no optimizer state; to start from its weights, give it as --pretrained")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shard", ["pref-000000.tar", "pref-000001.tar"])  # read by one rank or the other
+def test_with_two_ranks_the_strict_data_error_is_the_last_thing_torchrun_prints(tmp_path, shard):
+    toy = make_toy(tmp_path / "data", num_samples=32, per_shard=16)
+    corrupt_images(Path(toy["root"], "shards", shard), 1)
+    proc = run_cli(base_args(toy, tmp_path, "strict", "--po-loss", "dpo", "--po-strict-data", "--batch-size", "4",
+                             epochs=1), nproc=2, check=False, timeout=420)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert set(lines[-1]) == {"="}, lines[-5:]  # torchrun's ChildFailedError summary ends the output ...
+    root_cause = "\n".join(lines[lines.index("Root Cause (first observed failure):"):])
+    # ... and its root cause, its last line, is the one line (not "To enable traceback see: ...")
+    expected = (f"  traceback : open_clip_po.main: error: bad sample (corrupt_image) in shard "
+                f"{Path(toy['root'], 'shards', shard)}, key ")
+    assert lines[-2].startswith(expected) and lines[-2].endswith("[--po-strict-data]"), root_cause
+    assert not (tmp_path / "strict" / "checkpoints" / "epoch_1.pt").exists()
+
+
+def test_a_strict_data_error_in_one_process_is_one_line(tmp_path):
+    toy = make_toy(tmp_path / "data", num_samples=16, per_shard=16)
+    corrupt_images(Path(toy["root"], "shards", "pref-000000.tar"), 1)
+    with pytest.raises(SystemExit) as exc:  # the bad sample is met in a DataLoader worker (--workers 1)
+        main(base_args(toy, tmp_path, "strict", "--po-loss", "dpo", "--po-strict-data", "--batch-size", "4",
+                       epochs=1))
+    text = str(exc.value.code)
+    assert text.startswith(f"open_clip_po.main: error: bad sample (corrupt_image) in shard {toy['pref'].split('{')[0]}")
+    assert text.endswith("[--po-strict-data]") and "\n" not in text and "Traceback" not in text
+
+
+def test_a_missing_logger_is_named_before_anything_is_built(tmp_path, monkeypatch):
+    monkeypatch.setattr(ocm, "tensorboard", None)  # as open_clip sees it without the package
+    toy = {"pretrained": str(tmp_path / "start.pt"), "pref": str(tmp_path / "p.tar"), "reg": str(tmp_path / "r.tar")}
+    with pytest.raises(SystemExit) as exc:
+        main(base_args(toy, tmp_path, "tb", "--po-loss", "dpo", "--report-to", "tensorboard"))
+    assert str(exc.value.code) == ("open_clip_po.main: error: --report-to tensorboard needs tensorboard, not installed "
+                                   "(pip install 'open-clip-po[tensorboard]'); nothing was started")
+    assert not (tmp_path / "tb").exists()  # no half-made run folder blocks the same --name later
+
+
+def test_a_head_checkpoint_says_open_clip_leaves_the_head_out_and_our_loaders_warn(tmp_path, caplog):
+    import open_clip
+    from open_clip_po.checkpoint import HEAD_NOTE_KEY, CheckpointCodec, atomic_save, dropped_head_warning
+    from open_clip_po.head import attach_linear_head
+    from open_clip_po.trainer.model_setup import ModelSetup
+
+    model = open_clip.create_model("po-tiny")
+    attach_linear_head(model)
+    ckpt = CheckpointCodec(linear_head=True).encode({"epoch": 1, "name": "x", "state_dict": model.state_dict()})
+    path = atomic_save(ckpt, tmp_path / "epoch_1.pt")
+    note = load_checkpoint(path)[HEAD_NOTE_KEY]  # for whoever opens the file: stock open_clip cannot warn
+    assert "stock open_clip does not load" in note and "python -m open_clip_po.svd_scale" in note
+    assert dropped_head_warning(tmp_path / "start.pt", "--pretrained") is None  # not a file: nothing to say
+    caplog.set_level(logging.WARNING)
+    ModelSetup(lambda: None, open_clip.create_model_and_transforms)._create_checked("po-tiny", str(path),
+                                                                                    "--pretrained")
+    assert (f"--pretrained {path} holds a linear head (po_head) that open_clip leaves out: the model starts from the "
+            f"towers without W. To start from the head's model, fold it first: python -m open_clip_po.svd_scale "
+            f"{path} --t 1") in caplog.text

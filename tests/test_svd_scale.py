@@ -401,6 +401,8 @@ def test_default_output_names():
     assert default_output_path("run/epoch_3.pt", -2) == Path("run/epoch_3.t-2.pt")
     assert default_output_path("epoch_3.pt", 0.5, "ema", keep_head=True) == Path("epoch_3.ema.t0.5.head.pt")
     assert default_output_path("weights", 1) == Path("weights.t1.pt")
+    # a run's checkpoints/ folder is where --resume latest looks: the output goes beside it, not into it
+    assert default_output_path("logs/run/checkpoints/epoch_3.pt", -2) == Path("logs/run/svd_scale/epoch_3.t-2.pt")
 
 
 @pytest.mark.parametrize("spelling", ["same", "dotted", "symlink", "hardlink"])

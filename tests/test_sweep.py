@@ -18,6 +18,7 @@ from open_clip_po.sweep.pareto import pareto_front
 from open_clip_po.sweep import GridError, grid_from_dict, run_status
 from open_clip_po.sweep.driver import po_launch_shell
 from open_clip_po.sweep.runs import ATTEMPTS, prepare_run, record_done
+from open_clip_po.sweep.spec import load_grid
 from slurm_cluster import start_or_skip, without_script_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -244,7 +245,7 @@ def test_local_launcher_runs_the_grid_skips_done_runs_and_records_a_failure(worl
     assert {n: json.loads((runs / n / "eval.json").read_text())["finished"] for n in NAMES} == \
         {n: r["finished"] for n, r in records.items()}
     failure = json.loads((runs / "lr1e-3_beta-1" / "failed.json").read_text())
-    assert failure["stage"] == "train" and "--po-beta must be > 0" in failure["error"]
+    assert failure["stage"] == "train" and "--po-beta (beta) must be > 0" in failure["error"]
     proc = run_module("open_clip_po.eval", "pareto", str(runs))
     assert "failed: lr1e-3_beta-1 (train: training exited with status 1" in proc.stdout
     assert "| lr1e-3_beta-1 | failed | train: training exited with status 1" in (runs / "pareto.md").read_text()
@@ -316,3 +317,40 @@ def test_slurm_job_array_runs_each_pending_run_once(slurm, world, tmp_path):
     assert "every run of" in again.stdout and "is done" in again.stdout
     assert sorted(p.name for p in runs.glob("slurm-*.out")) == sorted(p.name for p in logs.values())
     assert slurm.run(["squeue", "-h"]).stdout.strip() == ""
+
+
+# -- bad grid files, refused before any run starts -------------------------------------------------------------------
+
+def grid_file(path: Path, base: str, points: str = "") -> Path:
+    path.write_text(f'[base]\n{base}\n[axes]\nlr = ["1e-3", "3e-3"]\n{points}\n[eval]\nimages = "test"\n'
+                    'attack-on-the-fly = true\n', encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("base, points, where, error", [
+    ('po-loss = "dpo"\nmodel = "po-tiny"\npo-betta = 1', "", "[base]", "unrecognized arguments: --po-betta 1"),
+    ('po-loss = "dpo"\nepochs = "three"', "", "[base]", "argument --epochs: invalid int value: 'three'"),
+    ('po-loss = "dpo"', '[[points]]\nlr = "1e-2"\npo-candidates = "prompts"', "[[points]] #1",
+     "argument --po-candidates: invalid choice: 'prompts' (choose from 'batch', 'classes')"),
+])
+def test_flags_the_trainer_would_refuse_stop_the_sweep_before_any_run(tmp_path, base, points, where, error):
+    grid = grid_file(tmp_path / "grid.toml", base, points)
+    runs = tmp_path / "runs"
+    proc = run_module("open_clip_po.sweep", str(grid), "--out", str(runs), "--quiet", timeout=300)
+    assert proc.returncode == 2
+    stderr = proc.stderr.strip()
+    assert stderr.startswith(f"python -m open_clip_po.sweep: error: {grid.resolve()} {where}: {error} ")
+    assert stderr.endswith("nothing was started)") and "\n" not in stderr
+    assert not runs.exists()  # no run folder, no plan
+    # SLURM's planner refuses it the same way, before sbatch
+    proc = run_module("open_clip_po.sweep.driver", "plan", str(grid), "--out", str(runs), timeout=300)
+    assert proc.returncode == 2 and f"{where}: {error}" in proc.stderr and not runs.exists()
+
+
+def test_a_grid_file_that_is_not_utf8_is_named(tmp_path):
+    grid = tmp_path / "grid.toml"
+    grid.write_bytes('[base]\nmodel = "po-tiny"\n# caf\xe9 in Latin-1\n'.encode("latin-1"))
+    with pytest.raises(GridError) as e:
+        load_grid(grid)
+    assert str(e.value) == (f"{grid}: not UTF-8 text (byte b'\\xe9' at offset 30); TOML files are UTF-8: save it as "
+                            "UTF-8")

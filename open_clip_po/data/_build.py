@@ -10,7 +10,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
-from ..atomic import write_text
+from ..atomic import DiskFullError, write_text
 
 
 def ordered_map(fn: Callable, items: Sequence, workers: int = 0, desc: str = "", quiet: bool = False,
@@ -69,12 +69,13 @@ def writer_kwargs(args) -> dict:
 
 
 def run_builder(build: Callable[[], object]) -> int:
-    """Run a builder for its ``main``: 0, or 2 with the one-line error of bad input (or a locked --out)."""
+    """Run a builder for its ``main``: 0, or 2 with the one-line error of bad input, a locked --out or a full
+    disk (the folder then holds its previous set, see ``publish``)."""
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         build()
-    except ValueError as exn:
+    except (ValueError, DiskFullError) as exn:
         print(f"error: {exn}", file=sys.stderr)
         return 2
     return 0

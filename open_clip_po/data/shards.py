@@ -11,6 +11,7 @@ is published whole is ``open_clip_po.data.publish``.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..atomic import writer_tag
+from ..atomic import disk_full_error, is_disk_full, writer_tag
 from .publish import SIZES_FILE, StagedBuild
 
 YW, YL, TXT, META = "yw.txt", "yl.txt", "txt", "json"
@@ -97,17 +98,37 @@ class ShardWriter:
             return
         # End of archive: two zero blocks, padded to a whole record, as tarfile and GNU tar write it.
         end = self._offset + 2 * tarfile.BLOCKSIZE
-        self._file.write(bytes(2 * tarfile.BLOCKSIZE + (-end) % tarfile.RECORDSIZE))
-        self._file.close()
+        with self._full_disk_named(end):
+            self._file.write(bytes(2 * tarfile.BLOCKSIZE + (-end) % tarfile.RECORDSIZE))
+            self._file.close()
         os.replace(self._tmp, self.folder / self._name)
         self.sizes[self._name] = self._count
         self._file = self._tmp = None
 
-    def _abort(self) -> None:
+    def _drop_partial(self) -> None:
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:
+                pass  # its buffer cannot be flushed (a full disk): the file goes anyway
             os.remove(self._tmp)
             self._file = self._tmp = None
+
+    @contextlib.contextmanager
+    def _full_disk_named(self, shard_bytes: int):
+        """A full disk while writing the current shard: the partial shard is removed, then a one-line
+        ``DiskFullError`` names the shard and the ``shard_bytes`` it needed so far."""
+        try:
+            yield
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            name = self._name
+            self._drop_partial()
+            raise disk_full_error(e, self.build.out / name, "shard", written=shard_bytes) from e
+
+    def _abort(self) -> None:
+        self._drop_partial()
         self._closed = True
         if self._own_build is not None:
             self._own_build.abort()
@@ -123,10 +144,11 @@ class ShardWriter:
             self._finish()
         if self._file is None:
             self._open_next()
-        for ext, data in members.items():
-            header = tar_header(f"{key}.{ext}", len(data))
-            self._file.write(header + data + bytes(-len(data) % tarfile.BLOCKSIZE))
-            self._offset += len(header) + _member_bytes(len(data)) - tarfile.BLOCKSIZE
+        with self._full_disk_named(self._offset + need):
+            for ext, data in members.items():
+                header = tar_header(f"{key}.{ext}", len(data))
+                self._file.write(header + data + bytes(-len(data) % tarfile.BLOCKSIZE))
+                self._offset += len(header) + _member_bytes(len(data)) - tarfile.BLOCKSIZE
         self._count += 1
 
     def close(self) -> dict[str, int]:

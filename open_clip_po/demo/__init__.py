@@ -23,6 +23,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from ..atomic import DiskFullError
 from .gender_cli import gender_main
 from .pipeline import DemoConfig, Method, StageError, full_config, pretrained_path, quick_config, setup_logging
 from .progress import interrupted_line
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
     out = Path(args.out).resolve()
     try:
         report = run_demo(cfg, out, pretrained=pretrained, quiet=args.quiet, threads=args.threads)
-    except StageError as e:
+    except (StageError, DiskFullError) as e:
         print(f"open_clip_po.demo: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:

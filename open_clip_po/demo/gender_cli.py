@@ -31,6 +31,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from ..atomic import DiskFullError
 from .gender_run import GenderConfig, full_gender_config, gender_methods, quick_gender_config, run_gender_demo
 from .pipeline import StageError, pretrained_path, setup_logging
 from .progress import interrupted_line
@@ -102,7 +103,7 @@ def gender_main(argv) -> int:
     out = Path(args.out).resolve()
     try:
         report = run_gender_demo(cfg, out, pretrained=pretrained, quiet=args.quiet, threads=args.threads)
-    except StageError as e:
+    except (StageError, DiskFullError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import open_clip_po  # noqa: F401  (registers po-tiny / po-small)
+from open_clip_po.atomic import DiskFullError
 from open_clip_po.checkpoint import WEIGHT_CHOICES, CheckpointError
 from open_clip_po.flags import negative_values_as_one_token
 
@@ -172,7 +173,7 @@ def main(argv=None, extra: Iterable[Callable] = ()) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         args.run(args)
-    except (EvalError, CheckpointError) as e:
+    except (EvalError, CheckpointError, DiskFullError) as e:
         print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

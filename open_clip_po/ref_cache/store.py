@@ -2,50 +2,44 @@
 
 Layout of a cache folder::
 
-    DIR/manifest.json                 written last: what the features were computed with, and one entry per shard
-    DIR/shards/<shard file name>.pt   {"keys": [sample key, ...], "image": [N, D], "tokens": [M, L], "text": [M, D]}
+    DIR/manifest.json                 written last: what the features were computed with, one entry per data shard
+                                      ({"bytes", "sha256", "kind"}) and the SHA-256 of every cache file
+    DIR/shards/<shard file name>.pt   {"keys": [sample key, ...], "image": [N, D], "tokens": [M, L], "text": [M, D],
+                                       "source": {"bytes", "sha256"} of the data shard they were computed from}
     DIR/prompts.pt                    {"tokens": [C, L], "text": [C, D]} (only with --po-classnames)
 
 Image features are per sample (they depend on the image and on a deterministic training transform); text
 features are per caption (keyed by its token ids), so class prompts, y_w, y_l and D_reg captions share one table.
 All tensors are float32 and L2-normalised; files are written atomically and read with ``weights_only=True``.
+
+A run checks the cache's contents, not only its shape (``verify``): every cache file against its digest while it
+is read, and every data shard the run reads against the digest of the shard the features came from.
 """
 from __future__ import annotations
 
-import hashlib
+import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .verify import data_shard_mismatch, file_digest, read_checked
+
 MANIFEST = "manifest.json"
 SHARDS_DIR = "shards"
 PROMPTS_FILE = "prompts.pt"
-FORMAT = 1
+FORMAT = 2  # 1: no content digests (shards checked by size only); such a cache must be rebuilt
 
 
 class CacheError(ValueError):
     """A cache that does not fit the run or cannot be read; the message is one line naming the file."""
 
 
-def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def existing(urls) -> list[str]:
     """The shards of an expanded pattern that are there (a brace range may name a few that are not)."""
     return [u for u in urls if os.path.isfile(u)]
-
-
-def shard_entry(url: str) -> dict:
-    """What identifies a shard cheaply at training time: its name and byte size."""
-    return {"bytes": os.path.getsize(url)}
 
 
 def deterministic_augmentation(aug_cfg) -> bool:
@@ -67,9 +61,10 @@ def run_signature(args, preprocess_train) -> dict:
             "precision": args.precision}
 
 
-def _load(path: Path) -> dict:
+def _load(path: Path, data: bytes | None = None) -> dict:
+    """A cache file (from ``data``, its bytes, when they were read already to check them)."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(io.BytesIO(data) if data is not None else path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, ...
         raise CacheError(f"reference cache file {path} cannot be read ({type(e).__name__}); rebuild the cache") from e
     if not isinstance(obj, dict) or "text" not in obj or "tokens" not in obj:
@@ -86,6 +81,7 @@ class RefCache:
     images: list               # per shard: [N, D]
     text_index: dict           # token bytes -> row of ``texts``
     texts: torch.Tensor        # [M, D]
+    manifest: dict = field(default_factory=dict)
 
     def image_features(self, keys, device) -> torch.Tensor:
         rows = []
@@ -110,6 +106,10 @@ class RefCache:
 
 def _check_manifest(folder: Path, manifest: dict, signature: dict, urls) -> None:
     path = folder / MANIFEST
+    if manifest.get("format") == 1:
+        raise CacheError(f"{path} was written by an earlier version that kept no content digests, so its features "
+                         "cannot be checked against the shards: rebuild it (python -m open_clip_po.ref_cache with "
+                         f"--out {folder}; its feature files are computed again)")
     if manifest.get("format") != FORMAT:
         raise CacheError(f"{path}: format {manifest.get('format')!r}, this version reads {FORMAT}")
     for key, want in signature.items():
@@ -129,7 +129,10 @@ def _check_manifest(folder: Path, manifest: dict, signature: dict, urls) -> None
 
 
 def load_ref_cache(folder: str | os.PathLike, signature: dict, urls, need_prompts: bool = False) -> RefCache:
-    """Load and check a cache for a run (``signature`` from :func:`run_signature`, ``urls`` its shards)."""
+    """Load and check a cache for a run (``signature`` from :func:`run_signature`, ``urls`` its shards).
+
+    Under torch.distributed every rank calls it: the data shards' digests are checked in shares, then agreed on
+    (``verify.data_shard_mismatch``); a mismatch is the same one-line ``CacheError`` on every rank."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
@@ -140,6 +143,9 @@ def load_ref_cache(folder: str | os.PathLike, signature: dict, urls, need_prompt
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CacheError(f"{path} is not valid JSON: {e}") from e
     _check_manifest(folder, manifest, signature, urls)
+    mismatch = data_shard_mismatch(path, manifest, urls)
+    if mismatch:
+        raise CacheError(mismatch)
     image_index, images, text_index, texts = {}, [], {}, []
     names = sorted({os.path.basename(u) for u in urls})
     files = [folder / SHARDS_DIR / f"{n}.pt" for n in names]
@@ -148,7 +154,10 @@ def load_ref_cache(folder: str | os.PathLike, signature: dict, urls, need_prompt
             raise CacheError(f"{folder / PROMPTS_FILE} not found: build the cache with --po-classnames")
         files.append(folder / PROMPTS_FILE)
     for name, file in zip(names + [None], files):
-        shard = _load(file)
+        data, mismatch = read_checked(folder, file, manifest)
+        if mismatch:
+            raise CacheError(mismatch)
+        shard = _load(file, data)
         if name is not None:
             if len(shard["keys"]) != shard["image"].shape[0]:
                 raise CacheError(f"reference cache file {file} is inconsistent (keys vs rows); rebuild the cache")
@@ -160,4 +169,4 @@ def load_ref_cache(folder: str | os.PathLike, signature: dict, urls, need_prompt
                 text_index[tokens.tobytes()] = len(texts)
                 texts.append(feature)
     return RefCache(folder, float(manifest["logit_scale"]), image_index, images, text_index,
-                    torch.stack(texts) if texts else torch.zeros(0))
+                    torch.stack(texts) if texts else torch.zeros(0), manifest)

@@ -9,7 +9,9 @@ what the head learned (paper Sec. 3.4). By default W_t is folded into the towers
 result is a stock open_clip checkpoint (``{"epoch", "name", "state_dict"}``, no optimizer state) that
 ``open_clip.create_model_and_transforms(MODEL, pretrained=OUT)`` loads without this package.
 The default output is CKPT's name with ``.t{T}`` before the suffix (``epoch_3.pt --t -2`` →
-``epoch_3.t-2.pt``; ``.bma``/``.ema`` and ``.head`` are added for --weights and --keep-head).
+``epoch_3.t-2.pt``; ``.bma``/``.ema`` and ``.head`` are added for --weights and --keep-head), beside CKPT — or,
+for a training checkpoint in a run's ``checkpoints/`` folder, in the run's ``svd_scale/`` folder, where
+``--resume latest`` does not look.
 """
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ import os
 import sys
 from pathlib import Path
 
-from ..checkpoint import (AVERAGE_KEY, HEAD_KEY, WEIGHT_CHOICES, CheckpointError, atomic_save, head_entry, head_towers,
-                          load_checkpoint, model_weights)
+from ..checkpoint import (AVERAGE_KEY, HEAD_KEY, HEAD_NOTE, HEAD_NOTE_KEY, WEIGHT_CHOICES, CheckpointError,
+                          atomic_save, head_entry, head_towers, load_checkpoint, model_weights)
 from ..flags import negative_values_as_one_token
 from . import SurgeryError, embedding_dim, fold_head, head_model_at, scale_head
 from .report import build_report, format_report, plot_report, write_report_json
@@ -27,6 +29,7 @@ from .report import build_report, format_report, plot_report, write_report_json
 __all__ = ["scale_head", "fold_head", "head_model_at", "SurgeryError", "default_output_path", "main"]
 
 PROG = "open-clip-po-svd-scale"
+SCALED_FOLDER = "svd_scale"  # beside a run's checkpoints/ folder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,10 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def default_output_path(checkpoint: str | os.PathLike, t: float, weights: str = "raw",
                         keep_head: bool = False) -> Path:
-    """``dir/epoch_3.pt`` → ``dir/epoch_3[.bma].t-2[.head].pt``."""
+    """``dir/epoch_3.pt`` → ``dir/epoch_3[.bma].t-2[.head].pt``; ``RUN/checkpoints/epoch_3.pt`` →
+    ``RUN/svd_scale/epoch_3.t-2.pt``.
+
+    Not in ``checkpoints/``: open_clip's ``--resume latest`` takes the last ``*.pt`` it finds there (and in any
+    folder whose name starts with "checkpoints"), and ``epoch_3.t-2.pt`` sorts after ``epoch_3.pt``.
+    """
     path = Path(checkpoint)
     tags = ([weights] if weights != "raw" else []) + [f"t{float(t):g}"] + (["head"] if keep_head else [])
-    return path.with_name(f"{path.stem}.{'.'.join(tags)}{path.suffix or '.pt'}")
+    folder = path.parent.parent / SCALED_FOLDER if path.parent.name == "checkpoints" else path.parent
+    return folder / f"{path.stem}.{'.'.join(tags)}{path.suffix or '.pt'}"
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -93,6 +102,7 @@ def run(args: argparse.Namespace) -> Path:
                                f"dimension is {dim}")
         result["state_dict"] = state_dict
         result[HEAD_KEY] = head_entry(W_t, towers)
+        result[HEAD_NOTE_KEY] = HEAD_NOTE
     else:
         result["state_dict"] = fold_head(state_dict, W_t, towers)
     # Optimizer state and averages belong to the training run, not to the edited model.

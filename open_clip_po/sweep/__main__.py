@@ -12,7 +12,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..atomic import DiskFullError
 from .local import SweepBusy, describe, launch_local, threads_per_process
+from .preflight import check_flags
 from .spec import GridError, load_grid
 
 PROG = "python -m open_clip_po.sweep"
@@ -36,12 +38,13 @@ def main(argv=None) -> int:
         return 2
     try:
         grid = load_grid(args.grid)
+        check_flags(grid, grid.runs())
         runs_dir = Path(args.out).resolve()
         if args.dry_run:
             print(describe(grid, grid.runs(), runs_dir))
             return 0
         summary = launch_local(grid, runs_dir, parallel=args.parallel, quiet=args.quiet)
-    except (GridError, SweepBusy) as e:
+    except (GridError, SweepBusy, DiskFullError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     print(f"{PROG}: {len(summary['done'])} ran, {len(summary['skipped'])} already done, "

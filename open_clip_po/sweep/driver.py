@@ -18,7 +18,9 @@ import sys
 import traceback
 from pathlib import Path
 
+from ..atomic import DiskFullError
 from .evaluate import evaluate_run
+from .preflight import check_flags
 from .runs import prepare_run, read_plan, record_done, record_failure, run_status, write_plan
 from .spec import Grid, GridError, Run, load_grid, main_argv
 
@@ -106,6 +108,7 @@ def plan(grid_path: str, runs_dir: Path) -> tuple[Grid, list[Run]]:
     """Write the plan; return the grid and its runs not yet done."""
     grid = load_grid(grid_path)
     runs = grid.runs()
+    check_flags(grid, runs)
     Path(runs_dir).mkdir(parents=True, exist_ok=True)
     write_plan(grid, runs, runs_dir)
     return grid, [r for r in runs if run_status(runs_dir, r.name) != "done"]
@@ -153,7 +156,7 @@ def main(argv=None) -> int:
         if args.step == "run":
             return run_prepared(grid, run, runs_dir)
         return finish(grid, run, runs_dir, args.train_status, args.log)
-    except (GridError, FileNotFoundError, RuntimeError) as e:
+    except (GridError, FileNotFoundError, RuntimeError, DiskFullError) as e:
         print(f"open_clip_po.sweep: error: {e}", file=sys.stderr)
         return 2
 

@@ -186,6 +186,9 @@ def load_grid(path: str | Path) -> Grid:
         raise GridError(f"{path}: no such file") from None
     except tomllib.TOMLDecodeError as e:
         raise GridError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:  # tomllib decodes the bytes itself and names no file
+        raise GridError(f"{path}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start}); "
+                        "TOML files are UTF-8: save it as UTF-8") from None
     return grid_from_dict(raw, str(Path(path).resolve()))
 
 

@@ -15,6 +15,7 @@ import open_clip
 from .. import losses as po_losses
 from ..flags import REG_LAMBDA_DEFAULT, po_argument_parser
 from ..ref_cache import deterministic_augmentation
+from .failures import missing_logger
 from .options import check_open_clip_options, plain_clip_run
 
 # Flags that only mean something with --po-reg-data: given without it, they would be silently inert.
@@ -34,6 +35,9 @@ def parse_po_args(argv, open_clip_parse_args):
     if ours.logs_dir is not None:
         rest = [*rest, "--logs", ours.logs_dir]
     args = open_clip_parse_args(rest)
+    missing = missing_logger(args)
+    if missing:  # before open_clip makes the run folder and builds the model
+        raise UsageError(missing)
     for key, value in vars(ours).items():
         setattr(args, key, value)
     if "timm" in args.opt and args.eps is None:
@@ -73,7 +77,11 @@ def _check_regulariser_flags(args) -> None:
 
 def _check_ref_cache(args) -> None:
     if not args.po_ref_cache:
+        if args.po_ref_cache_verify:
+            raise UsageError("--po-ref-cache-verify checks a --po-ref-cache; there is none")
         return
+    if args.po_ref_cache_verify < 0:
+        raise UsageError(f"--po-ref-cache-verify must be >= 0 (samples to recompute), got {args.po_ref_cache_verify}")
 
     if args.po_linear_head:
         raise UsageError("--po-ref-cache is not for --po-linear-head: its reference is the frozen backbone, free")

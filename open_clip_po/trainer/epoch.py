@@ -134,6 +134,7 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
 
     optimizer.zero_grad()
     step_outputs, steps, samples, end = [], 0, 0, time.time()
+    scaler_skipped = 0  # steps the fp16 GradScaler did not take: not counted as done (the weights did not move)
     group_samples = 0  # samples of the accumulation group under way; they count once its step is taken
     batches = iter(dataloader)
     for i in range(num_batches_per_epoch * accum):  # a ragged tail that cannot fill a step is left out
@@ -165,26 +166,35 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
 
         scale_before = loss_scale(scaler)
         _optimizer_step(model, optimizer, scaler, args)
-        steps, samples, group_samples = steps + 1, samples + group_samples, 0
-        if hooks is not None and not scaler_skipped_step(scaler, scale_before):
-            hooks.good_step(step)
+        steps += 1
+        if scaler_skipped_step(scaler, scale_before):
+            scaler_skipped += 1
+        else:
+            samples += group_samples
+            if hooks is not None:
+                hooks.good_step(step)
+        group_samples = 0
         log.batch_time.update(time.time() - end)
         end = time.time()
         log.step(step_outputs, optimizer, step, i_accum + 1, batch["images"].shape[0])
         step_outputs = []
 
     optimizer.zero_grad()  # a partial accumulation group at an early end is dropped, not carried over
-    _end_of_epoch(epoch, steps, samples, num_batches_per_epoch, device, args)
+    _end_of_epoch(epoch, steps, scaler_skipped, samples, num_batches_per_epoch, device, args)
     if hooks is not None:
         hooks.end_of_epoch(epoch)
     return {name: m.avg for name, m in log.meters.items()}
 
 
-def _end_of_epoch(epoch, steps, samples, planned_steps, device, args) -> None:
+def _end_of_epoch(epoch, steps, scaler_skipped, samples, planned_steps, device, args) -> None:
+    """``steps`` optimizer steps were run, ``scaler_skipped`` of them not taken by the GradScaler; ``samples``
+    counts those of the steps taken."""
     per_rank = _samples_per_rank(samples, device)
     if is_master(args):
-        logging.info(f"Train Epoch: {epoch} done: {steps}/{planned_steps} optimizer steps; samples trained on "
-                     f"per rank: {per_rank}")
+        skipped = (f"; {scaler_skipped} step(s) not taken: the GradScaler found inf/NaN gradients (fp16 loss scale "
+                   "calibrating, not bad data)") if scaler_skipped else ""
+        logging.info(f"Train Epoch: {epoch} done: {steps - scaler_skipped}/{planned_steps} optimizer steps; samples "
+                     f"trained on per rank: {per_rank}{skipped}")
     if steps == 0:
         raise NoTrainingSteps(
             f"epoch {epoch} made no optimizer step: --train-data {args.train_data} gave "

@@ -13,10 +13,11 @@ import os
 
 import torch
 
-from ..checkpoint import CheckpointError, load_checkpoint
+from ..checkpoint import CheckpointError, dropped_head_warning, load_checkpoint
 from ..data.patterns import expand_shards
 from ..head import attach_linear_head, has_linear_head
 from ..ref_cache import CacheError, load_ref_cache
+from ..ref_cache.spot_check import spot_check
 from ..ref_cache.store import existing, run_signature
 from ..reference import CachedReference, make_reference
 from ..towers.attention_layout import contiguous_attention_under_autocast
@@ -46,16 +47,22 @@ def explain_bad_pretrained(path, flag: str, error: Exception) -> None:
             raise UsageError(f"{flag}: {e}") from error
 
 
-def _load_cache(args, preprocess_train):
+def _load_cache(args, preprocess_train, device):
+    """The cache, its digests checked (and ``--po-ref-cache-verify N`` samples recomputed) on every rank."""
     urls = expand_shards(args.train_data)[0]
     if args.po_reg_data:
         urls += expand_shards(args.po_reg_data, flag="--po-reg-data")[0]
     urls = existing(urls)
     try:
-        return load_ref_cache(args.po_ref_cache, run_signature(args, preprocess_train), urls,
-                              need_prompts=args.po_candidates == "classes")
+        cache = load_ref_cache(args.po_ref_cache, run_signature(args, preprocess_train), urls,
+                               need_prompts=args.po_candidates == "classes")
     except CacheError as e:
         raise UsageError(f"--po-ref-cache: {e}") from e
+    if args.po_ref_cache_verify:
+        error = spot_check(cache, args, urls, device)
+        if error:
+            raise UsageError(f"--po-ref-cache-verify: {error}")
+    return cache
 
 
 class ModelSetup:
@@ -67,6 +74,9 @@ class ModelSetup:
         self.preprocess_val = None
 
     def _create_checked(self, name, pretrained, flag, *a, **kw):
+        warning = dropped_head_warning(pretrained, flag)
+        if warning:
+            logging.warning(warning)
         try:
             return self._create(name, pretrained, *a, **kw)
         except Exception as e:
@@ -92,7 +102,7 @@ class ModelSetup:
     def _build_reference(self, model, create_kwargs, preprocess_train):
         args = self._args_of()
         if args.po_ref_cache:
-            return CachedReference(_load_cache(args, preprocess_train))
+            return CachedReference(_load_cache(args, preprocess_train, create_kwargs.get("device")))
         if args.po_linear_head:
             model.requires_grad_(False)
             # the frozen backbone's passes run without grad: under autocast, give them the policy's GEMM layout

@@ -8,8 +8,9 @@ errors. Everything else (logging, checkpoints, resume, precision, schedulers, lo
 tensorboard/wandb) is open_clip's code, untouched.
 
 ``POSession`` only coordinates; each job has its own part: flags (``cli``), policy and reference
-(``model_setup``), what happens around steps and epochs (``hooks``), evaluation (``evaluator``) and the
-checkpoint format (``checkpoint.CheckpointCodec``).
+(``model_setup``), what happens around steps and epochs (``hooks``), evaluation (``evaluator``), the
+checkpoint format (``checkpoint.CheckpointCodec``), which checkpoint ``--resume`` takes (``resume``) and how a run
+that must stop says why (``failures``).
 """
 from __future__ import annotations
 
@@ -32,15 +33,15 @@ from ..data import get_po_data
 from ..data.classnames import read_classnames as read
 from ..data.errors import ClassnamesError, DataError
 from ..flags import po_argument_parser
-from ..ref_cache import CacheError
 from .cli import UsageError, build_objective, parse_po_args
 from .console import ConsoleSetup, print_help
-from .epoch import NoTrainingSteps
 from .epoch import train_one_epoch as po_train_one_epoch
 from .evaluator import Evaluator
-from .hooks import TooManyBadSteps, TrainingHooks
+from .failures import one_line, tell_launcher
+from .hooks import TrainingHooks
 from .model_setup import ModelSetup
 from .options import plain_clip_run
+from .resume import latest_training_checkpoint, not_training_reason
 from .seeding import SEEDED_DATA_GLOBALS, seeded_open_clip_data
 
 
@@ -65,10 +66,10 @@ def read_classnames(path) -> list[str]:
 
 # The globals of open_clip_train.main a PO run replaces, each by the session's attribute of the same name.
 PATCHED = ("parse_args", "create_model_and_transforms", "get_data", "create_loss", "train_one_epoch", "evaluate",
-           "pt_load", "torch", "setup_logging")
+           "pt_load", "torch", "setup_logging", "get_latest_checkpoint")
 # A plain CLIP run (no --po-* flag): only the flags (--logs-dir), the text tower over the caption span, CPU DDP,
-# atomic saves and the console.
-PLAIN_PATCHED = ("parse_args", "create_model_and_transforms", "torch", "setup_logging")
+# atomic saves, the console and --resume latest passing over files that are not training checkpoints.
+PLAIN_PATCHED = ("parse_args", "create_model_and_transforms", "torch", "setup_logging", "get_latest_checkpoint")
 
 
 class POSession:
@@ -148,6 +149,10 @@ class POSession:
             ckpt = self.orig["pt_load"](path, map_location=map_location) if remote else load_checkpoint(path)
         except CheckpointError as e:
             raise UsageError(f"--resume: {e}") from e
+        reason = not_training_reason(ckpt)
+        if reason is not None:
+            raise UsageError(f"--resume {path} is not a training checkpoint: {reason}; to start from its weights, "
+                             "give it as --pretrained")
         if "epoch" not in ckpt:
             return ckpt["state_dict"] if set(ckpt) == {"state_dict"} else ckpt
         try:
@@ -159,6 +164,9 @@ class POSession:
         if self.hooks.resume.average is None and self.args.po_average != "none":
             logging.warning(f"{path} has no averaged weights; averaging restarts from the resumed weights")
         return ckpt
+
+    def get_latest_checkpoint(self, path, remote):
+        return latest_training_checkpoint(path, remote, self.orig["get_latest_checkpoint"])
 
     def _torch_proxy(self):
         parallel = _Proxy(torch.nn.parallel, DistributedDataParallel=self.setup.ddp)
@@ -193,10 +201,17 @@ def main(argv=None) -> int:
         print_help()
         return 0
     plain = plain_clip_run(po_argument_parser().parse_known_args(argv)[0], po_argument_parser())
-    with patched_open_clip_train(plain=plain):
+    with patched_open_clip_train(plain=plain) as session:
         try:
             status = ocm.main(argv)
-        except (TooManyBadSteps, NoTrainingSteps, CacheError) as e:
-            raise UsageError(str(e)) from e
+        except UsageError as e:
+            tell_launcher(str(e.code))
+            raise
+        except Exception as e:
+            message = one_line(e, session.args)
+            if message is None:
+                raise
+            tell_launcher(str(UsageError(message).code))
+            raise UsageError(message) from e
     return 0 if status in (None, 0) else 1
 
