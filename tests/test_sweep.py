@@ -245,7 +245,7 @@ def test_local_launcher_runs_the_grid_skips_done_runs_and_records_a_failure(worl
     assert {n: json.loads((runs / n / "eval.json").read_text())["finished"] for n in NAMES} == \
         {n: r["finished"] for n, r in records.items()}
     failure = json.loads((runs / "lr1e-3_beta-1" / "failed.json").read_text())
-    assert failure["stage"] == "train" and "--po-beta (beta) must be > 0" in failure["error"]
+    assert failure["stage"] == "train" and "--po-beta must be > 0" in failure["error"]
     proc = run_module("open_clip_po.eval", "pareto", str(runs))
     assert "failed: lr1e-3_beta-1 (train: training exited with status 1" in proc.stdout
     assert "| lr1e-3_beta-1 | failed | train: training exited with status 1" in (runs / "pareto.md").read_text()
