@@ -17,7 +17,7 @@ HPARAM_FLAGS = {"po_beta": "beta", "po_label_smoothing": "label_smoothing",
                 "po_desirable_weight": "desirable_weight", "po_undesirable_weight": "undesirable_weight"}
 REG_LAMBDA_DEFAULT = 1.0
 # Flags that only mean something with --po-reg-data: given without it, they would be silently inert.
-REG_ONLY_FLAGS = ("po_reg_lambda", "po_reg_kl", "po_reg_batch_size", "po_reg_num_samples")
+REG_ONLY_FLAGS = ("po_reg_lambda", "po_reg_kl", "po_reg_batch_size", "po_reg_num_samples", "po_head_reverse_lambda")
 MODEL_SCHEMAS = ("hf-hub:", "local-dir:")
 
 
@@ -74,6 +74,13 @@ def po_argument_parser() -> argparse.ArgumentParser:
                    help="where the head acts: both towers, similarity xᵀWᵀWy (the paper's, default), or the image "
                         "tower only, (Wx)ᵀy, which can reverse a concept the paper's form can only erase "
                         "(docs/surgery.md)")
+    g.add_argument("--po-head-param", choices=("log", "dense"), default=None,
+                   help="how W is learned: log = W = exp(A), scaled exactly as exp(tA) for every t, --wd pulling "
+                        "it towards the identity (default); dense = W itself, the paper's (docs/surgery.md)")
+    g.add_argument("--po-head-reverse-lambda", type=float, default=None,
+                   help="μ: weight of the KL on D_reg of the reversed head W⁻¹ (t = −1), so that t < 0 undoes what a "
+                        "log head learned instead of wrecking the features (default: --po-reg-lambda's value; "
+                        "0 = the paper's objective)")
     g.add_argument("--po-full-text-context", action="store_true",
                    help="run the text tower over all context_length positions, as open_clip does (default: only over "
                         "each batch's caption span; exact for causal, argmax-pooled text towers)")
@@ -102,6 +109,10 @@ def parse_po_args(argv, open_clip_parse_args):
     args.po_reg_lambda = REG_LAMBDA_DEFAULT if args.po_reg_lambda is None else args.po_reg_lambda
     args.po_reg_kl = args.po_reg_kl or "forward"
     args.po_head_towers = args.po_head_towers or "both"
+    args.po_head_param = args.po_head_param or "log"
+    if args.po_head_reverse_lambda is None:   # a log head's reversed side is held like its trained side
+        log_head = args.po_linear_head and args.po_head_param == "log" and args.po_reg_data
+        args.po_head_reverse_lambda = args.po_reg_lambda if log_head else 0.0
     return args
 
 
@@ -184,8 +195,14 @@ def validate(args) -> None:
     if args.po_linear_head and (args.po_ref_model or args.po_ref_pretrained):
         raise UsageError("--po-linear-head uses the frozen backbone itself as reference; "
                          "drop --po-ref-model/--po-ref-pretrained")
-    if args.po_head_towers and not args.po_linear_head:
-        raise UsageError("--po-head-towers is for --po-linear-head")
+    for flag in ("--po-head-towers", "--po-head-param", "--po-head-reverse-lambda"):
+        if getattr(args, flag[2:].replace("-", "_")) and not args.po_linear_head:
+            raise UsageError(f"{flag} is for --po-linear-head")
+    if args.po_head_reverse_lambda and args.po_head_param == "dense":
+        raise UsageError("--po-head-reverse-lambda needs the log head (--po-head-param log): a dense W has no exact "
+                         "reverse")
+    if args.po_head_reverse_lambda is not None and args.po_head_reverse_lambda < 0:
+        raise UsageError(f"--po-head-reverse-lambda must be >= 0, got {args.po_head_reverse_lambda}")
     if args.po_ref_sync_steps < 0 or not 0 < args.po_ref_sync_alpha <= 1:
         raise UsageError("--po-ref-sync-steps must be >= 0 and --po-ref-sync-alpha in (0, 1]")
     if args.po_ref_sync_steps and args.po_linear_head:

@@ -1,5 +1,6 @@
-"""The t-sweep (paper Fig. 2): one head checkpoint evaluated at W_t for many t (U Σ^t Vᵀ, or I + t (W − I) for a
-head on the image tower only; see ``open_clip_po.surgery.scale_head``), no files.
+"""The t-sweep (paper Fig. 2): one head checkpoint evaluated at W_t for many t (U Σ^t Vᵀ; exp(t A) for a
+log-parameterised head W = exp(A); I + t (W − I) for a dense head on the image tower only; see
+``open_clip_po.surgery.scale_head``), no files.
 
 Backbone features of the images and prompts are computed once; each t only applies W_t and
 re-normalises, which is exact because the head is linear and sits after the backbone.
@@ -47,15 +48,19 @@ def head_summary(weight: torch.Tensor) -> dict:
     return head_stats(weight.detach().float().cpu())
 
 
-def scaled_heads(weight: torch.Tensor, ts: Sequence[float], towers: str = "both") -> dict[float, torch.Tensor]:
+def scaled_heads(weight: torch.Tensor, ts: Sequence[float], towers: str = "both",
+                 log: torch.Tensor | None = None) -> dict[float, torch.Tensor]:
+    """``{t: W_t}``; ``log`` is the generator of a log-parameterised head (W = exp(log)), else None."""
     from open_clip_po.svd_scale import scale_head
 
-    return {t: scale_head(weight.detach().float().cpu(), t, towers) for t in ts}
+    log = None if log is None else log.detach().float().cpu()
+    return {t: scale_head(weight.detach().float().cpu(), t, towers, log) for t in ts}
 
 
 @torch.no_grad()
 def sweep_metrics(weight: torch.Tensor, ts: Sequence[float], prompts, classnames, templates,
-                  clean: dict, attacked: dict | None = None, towers: str = "both") -> list[dict]:
+                  clean: dict, attacked: dict | None = None, towers: str = "both",
+                  log: torch.Tensor | None = None) -> list[dict]:
     """One row per t: clean/attacked top-1 and written-class rate under W_t.
 
     ``clean`` / ``attacked`` are ``encode_images`` results of the *base* (un-headed) image encoder;
@@ -64,7 +69,7 @@ def sweep_metrics(weight: torch.Tensor, ts: Sequence[float], prompts, classnames
     from .features import apply_head, text_side
 
     rows = []
-    for t, w_t in scaled_heads(weight, ts, towers).items():
+    for t, w_t in scaled_heads(weight, ts, towers, log).items():
         classifier = prompts.classifier(classnames, templates, text_side(w_t, towers))
         row = {"t": t, "clean_top1": top1_and_written(apply_head(clean["features"], w_t) @ classifier,
                                                       clean["labels"])["top1"]}
@@ -112,8 +117,8 @@ def run_sweep(args) -> dict:
     import open_clip
 
     from .data import open_eval_sets
-    from .features import (PromptFeatures, base_encoders, class_prompts, encode_images, head_towers, head_weight,
-                           load_eval_model)
+    from .features import (PromptFeatures, base_encoders, class_prompts, encode_images, head_generator, head_towers,
+                           head_weight, load_eval_model)
     from .templates import resolve_templates
 
     ts = parse_t_values(args.t)
@@ -131,8 +136,9 @@ def run_sweep(args) -> dict:
     kw = dict(device=args.device, batch_size=args.batch_size, workers=args.workers)
     clean_features = encode_images(encode_image, clean, desc=f"clean {clean.name}", **kw)
     attacked_features = None if attacked is None else encode_images(encode_image, attacked, desc="attacked", **kw)
-    towers = head_towers(model)
-    rows = sweep_metrics(weight, ts, prompts, clean.classnames, templates, clean_features, attacked_features, towers)
+    towers, log = head_towers(model), head_generator(model)
+    rows = sweep_metrics(weight, ts, prompts, clean.classnames, templates, clean_features, attacked_features, towers,
+                         log)
 
     output = Path(args.output)
     columns = [c for c in SWEEP_COLUMNS if c in rows[0]]
@@ -142,7 +148,8 @@ def run_sweep(args) -> dict:
               "typographic": None if attacked is None else attacked.description,
               "num_clean": int(clean_features["labels"].numel()),
               "num_typographic": None if attacked_features is None else int(attacked_features["labels"].numel()),
-              "head": {**head_summary(weight), "towers": towers}, "rows": rows}
+              "head": {**head_summary(weight), "towers": towers, "param": "dense" if log is None else "log"},
+              "rows": rows}
     write_json(result, output)
     plot_sweep(rows, f"{result['dataset']} — {args.model}", output.with_suffix(".png"))
     print(f"{len(rows)} values of t from {ts[0]} to {ts[-1]} → {output}, {output.with_suffix('.csv')}")
