@@ -201,6 +201,12 @@ def test_old_format_checkpoints_load_scale_and_fold(tiny_model, inputs, tmp_path
     head = get_linear_head(loaded)
     assert type(head) is LinearHead and head.towers == towers and torch.equal(head.weight.detach(), W)
     assert head_generator(load_checkpoint(path)) is None
+    # resuming it under today's default (a log head) says which flag to use; with it, W comes back as it was
+    old = load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="has a dense head; resume it with --po-head-param dense"):
+        CheckpointCodec(linear_head=True, head_towers=towers, head_param="log").decode(old, "old.pt", distributed=False)
+    decoded, _ = CheckpointCodec(linear_head=True, head_towers=towers).decode(old, "old.pt", distributed=False)
+    assert torch.equal(decoded["state_dict"]["po_head.weight"], W)
     W_t = scale_head(W, -1.0, towers)
     if towers == "both":
         U, S, Vh = torch.linalg.svd(W.double())

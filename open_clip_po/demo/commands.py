@@ -52,7 +52,7 @@ def free_port() -> int:
 def finetune_argv(cfg, method: Method, pretrained: Path, data: list[str], logs: Path, run_name: str
                   ) -> list[str]:
     """``torchrun --nproc_per_node=N -m open_clip_po.main`` (gloo on CPU) on the ``data`` flags, with the method's
-    objective and flags. ``cfg`` gives model, seed and the ``po_*`` settings."""
+    objective and flags. ``cfg`` gives model, seed, the ``po_*`` settings and how a head is parameterised."""
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.po_procs}",
                 "--master_port", str(free_port())]
     argv = launcher + [
@@ -61,7 +61,8 @@ def finetune_argv(cfg, method: Method, pretrained: Path, data: list[str], logs: 
         *FINETUNE_COMMON, "--save-frequency", str(cfg.po_epochs), "--logs-dir", str(logs), "--name", run_name]
     if method.head:
         argv.append("--po-linear-head")
-    return argv + list(method.flags)
+    argv += list(method.flags)
+    return argv + (["--po-head-param", cfg.head_param] if method.head else [])
 
 
 # -- the typographic demo

@@ -59,6 +59,8 @@ def build_gender_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden-share", type=_share, default=None,
                    help="share of pre-training images with the activity's object out of frame (default: "
                         f"{GenderConfig().hidden_share:g})")
+    p.add_argument("--head-param", choices=("log", "dense"), default="log",
+                   help="how the heads learn W (--po-head-param): log = W = exp(A) (default), dense = W itself")
     p.add_argument("--seed", type=int, default=0, help="seed of the world and of every run (default: 0)")
     p.add_argument("--threads", type=int, default=None,
                    help="OMP_NUM_THREADS for the subprocesses (default: the environment's)")
@@ -83,7 +85,7 @@ def gender_main(argv) -> int:
     args = build_gender_parser().parse_args(argv)
     _setup_logging()
     cfg = quick_gender_config() if args.quick else full_gender_config()
-    cfg = dataclasses.replace(cfg, seed=args.seed, t_grid=args.t or cfg.t_grid)
+    cfg = dataclasses.replace(cfg, seed=args.seed, t_grid=args.t or cfg.t_grid, head_param=args.head_param)
     shares = {"neutral_share": args.neutral_share, "hidden_share": args.hidden_share}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in shares.items() if v is not None})
     if args.methods is not None or args.paper_methods is not None:

@@ -65,6 +65,7 @@ class GenderConfig:
     methods: tuple[Method, ...] = gender_methods()
     t_grid: str = "-2:2:0.25"
     top_k: int = 30                      # retrieved images per activity prompt (of 2 × test_per_cell)
+    head_param: str = "log"              # --po-head-param of every head
     seed: int = 0
 
 
