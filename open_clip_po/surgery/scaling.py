@@ -3,13 +3,12 @@ or I + t (W − I) on the image tower; and the numbers that say how far W is fro
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import torch
 
 from ..checkpoint import CheckpointError
 from ..head import check_towers as head_towers_checked
-from ..head import exp_head, generator_of
+from ..head import exp_head, generator_of, one_linalg_thread
 
 
 class SurgeryError(CheckpointError):
@@ -38,21 +37,6 @@ def check_head(W) -> torch.Tensor:
     return W
 
 
-@contextmanager
-def _single_threaded(dim: int):
-    """One intra-op thread for a small SVD: it gains nothing from threads, and on a busy machine the
-    threaded LAPACK spins (measured here, 512×512 float64: 0.25 s on one thread, 8–14 s on two)."""
-    threads = torch.get_num_threads()
-    if dim > 2048 or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def scale_head(W: torch.Tensor, t: float, towers: str = "both", log: torch.Tensor | None = None) -> torch.Tensor:
     """W_t for a head acting on ``towers``; same dtype and device as ``W``. t = 1 gives W back, t = 0 the base
     model's similarities, t > 1 strengthens and t < 0 reverses what the head learned.
@@ -76,7 +60,7 @@ def scale_head(W: torch.Tensor, t: float, towers: str = "both", log: torch.Tenso
     if towers == "image":
         eye = torch.eye(W.shape[0], dtype=torch.float64, device=W.device)
         return (eye + t * (W.detach().to(torch.float64) - eye)).to(W.dtype)
-    with _single_threaded(W.shape[0]):
+    with one_linalg_thread(W.shape[0]):
         U, S, Vh = torch.linalg.svd(W.detach().to(torch.float64))
     if t < 0:
         # A singular value that is zero at W's own precision has no finite negative power.
@@ -95,8 +79,7 @@ def scale_head(W: torch.Tensor, t: float, towers: str = "both", log: torch.Tenso
 def _exp_scaled(W: torch.Tensor, log: torch.Tensor, t: float, towers: str) -> torch.Tensor:
     if log.shape != W.shape:
         raise SurgeryError(f"the head's generator is {tuple(log.shape)} but W is {tuple(W.shape)}")
-    with _single_threaded(W.shape[0]):
-        W_t = exp_head(generator_of(log.to(W.device), towers), t).to(W.dtype)
+    W_t = exp_head(generator_of(log.to(W.device), towers), t).to(W.dtype)
     if not bool(torch.isfinite(W_t).all()):
         raise SurgeryError(f"W_t = exp(t A) has non-finite values at t = {t:g} (it overflows {W.dtype})")
     return W_t
@@ -105,7 +88,7 @@ def _exp_scaled(W: torch.Tensor, log: torch.Tensor, t: float, towers: str) -> to
 def head_stats(W: torch.Tensor) -> dict:
     """Singular values and ``‖WᵀW − I‖`` (Frobenius, spectral), as plain Python numbers for JSON."""
     W = check_head(W).detach().to(torch.float64)
-    with _single_threaded(W.shape[0]):
+    with one_linalg_thread(W.shape[0]):
         singular_values = torch.linalg.svdvals(W)
     residual = W.T @ W - torch.eye(W.shape[0], dtype=W.dtype)
     return {
