@@ -11,6 +11,7 @@ import logging
 import os
 
 from . import losses as po_losses
+from .head import default_param
 from .options import check_open_clip_options, plain_clip_run
 
 HPARAM_FLAGS = {"po_beta": "beta", "po_label_smoothing": "label_smoothing",
@@ -76,11 +77,13 @@ def po_argument_parser() -> argparse.ArgumentParser:
                         "(docs/surgery.md)")
     g.add_argument("--po-head-param", choices=("log", "dense"), default=None,
                    help="how W is learned: log = W = exp(A), scaled exactly as exp(tA) for every t, --wd pulling "
-                        "it towards the identity (default); dense = W itself, the paper's (docs/surgery.md)")
+                        "it towards the identity (default on both towers); dense = W itself, the paper's (default "
+                        "on the image tower: its straight line keeps a flip) (docs/surgery.md)")
     g.add_argument("--po-head-reverse-lambda", type=float, default=None,
-                   help="μ: weight of the KL on D_reg of the reversed head W⁻¹ (t = −1), so that t < 0 undoes what a "
-                        "log head learned instead of wrecking the features (default: --po-reg-lambda's value; "
-                        "0 = the paper's objective)")
+                   help="μ: weight of the KL on D_reg of the head turned around (W_{-1}: exp(−A), or 2I − W on the "
+                        "image tower), so that t < 0 undoes what the head learned instead of wrecking the features "
+                        "(default: --po-reg-lambda's value for a log head, 0 for a dense one; 0 = the paper's "
+                        "objective)")
     g.add_argument("--po-full-text-context", action="store_true",
                    help="run the text tower over all context_length positions, as open_clip does (default: only over "
                         "each batch's caption span; exact for causal, argmax-pooled text towers)")
@@ -109,7 +112,7 @@ def parse_po_args(argv, open_clip_parse_args):
     args.po_reg_lambda = REG_LAMBDA_DEFAULT if args.po_reg_lambda is None else args.po_reg_lambda
     args.po_reg_kl = args.po_reg_kl or "forward"
     args.po_head_towers = args.po_head_towers or "both"
-    args.po_head_param = args.po_head_param or "log"
+    args.po_head_param = args.po_head_param or default_param(args.po_head_towers)
     if args.po_head_reverse_lambda is None:   # a log head's reversed side is held like its trained side
         log_head = args.po_linear_head and args.po_head_param == "log" and args.po_reg_data
         args.po_head_reverse_lambda = args.po_reg_lambda if log_head else 0.0
@@ -198,9 +201,6 @@ def validate(args) -> None:
     for flag in ("--po-head-towers", "--po-head-param", "--po-head-reverse-lambda"):
         if getattr(args, flag[2:].replace("-", "_")) and not args.po_linear_head:
             raise UsageError(f"{flag} is for --po-linear-head")
-    if args.po_head_reverse_lambda and args.po_head_param == "dense":
-        raise UsageError("--po-head-reverse-lambda needs the log head (--po-head-param log): a dense W has no exact "
-                         "reverse")
     if args.po_head_reverse_lambda is not None and args.po_head_reverse_lambda < 0:
         raise UsageError(f"--po-head-reverse-lambda must be >= 0, got {args.po_head_reverse_lambda}")
     if args.po_ref_sync_steps < 0 or not 0 < args.po_ref_sync_alpha <= 1:

@@ -19,7 +19,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from . import losses as po_losses
-from .head import LogLinearHead, get_linear_head
+from .head import get_linear_head
 from .reference import Features
 
 
@@ -145,16 +145,14 @@ class POCriterion(nn.Module):
         return {"loss": total, "logit_scale": policy.scale.detach(), **metrics}
 
     def reversed_head_kl(self, model, ref: Features, ref_reg_text: torch.Tensor, n_pref: int, scale) -> torch.Tensor:
-        """``E_{x∈D_reg} KL(π_{W⁻¹}(·|x) ‖ π_ref(·|x))``: Eq. 11 for the head turned around (t = −1).
+        """``E_{x∈D_reg} KL(π_{W_{−1}}(·|x) ‖ π_ref(·|x))``: Eq. 11 for the head turned around (t = −1).
 
-        The KL term holds the trained head W_1 near the reference; this one holds W_{−1} = exp(−A) there too, so the
-        knob W_t = exp(t A) moves the model by about as much either way and t < 0 undoes what the head learned
-        (the model reads more) instead of wrecking the features. Exact for a log head: W⁻¹ acts on the reference's
-        normalised features as on the raw ones, since normalise(M f / |f|) = normalise(M f)."""
+        The KL term holds the trained head W_1 near the reference; this one holds W_{−1} (exp(−A) for a log head,
+        2I − W for a dense image head; ``LinearHead.reversed_weight``) there too, so the knob W_t moves the model by
+        about as much either way and t < 0 undoes what the head learned instead of wrecking the features. W_{−1}
+        acts on the reference's normalised features as on the raw ones: normalise(M f / |f|) = normalise(M f)."""
         head = get_linear_head(model)
-        if not isinstance(head, LogLinearHead):
-            raise ValueError("the reversed head's KL needs a log-parameterised head (--po-head-param log)")
-        inverse = head.scaled(-1.0)
+        inverse = head.reversed_weight()
         image = F.normalize(ref.image[n_pref:] @ inverse.T.to(ref.image.dtype), dim=-1)
         text = F.normalize(ref_reg_text @ inverse.T.to(ref_reg_text.dtype), dim=-1) if head.towers == "both" \
             else ref_reg_text

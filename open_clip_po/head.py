@@ -52,6 +52,13 @@ def check_towers(towers: str) -> str:
     return towers
 
 
+def default_param(towers: str) -> str:
+    """The parameterisation ``--po-linear-head`` trains when none is given: the log head on both towers (exact U Σ^t Vᵀ
+    for every t), the dense head on the image tower (its straight line I + t (W − I) keeps the gender flip, which
+    exp(tA) reaches only through a rotation that flips again for t < 0; docs/demo/head.md)."""
+    return "log" if check_towers(towers) == "both" else "dense"
+
+
 def check_param(param: str) -> str:
     if param not in PARAMS:
         raise ValueError(f"head param must be one of {', '.join(PARAMS)}, got {param!r}")
@@ -109,6 +116,13 @@ class LinearHead(nn.Module):
         """W on text features when the head acts on both towers; else the features as they are."""
         return self(features) if self.towers == "both" else features
 
+    def reversed_weight(self) -> torch.Tensor:
+        """W_{−1}, the head turned around, differentiable in its parameter: on the image tower the straight line's
+        2I − W; on both towers U Σ⁻¹ Vᵀ = W⁻ᵀ (which explodes as W nears singular — the log head's does not)."""
+        if self.towers == "image":
+            return 2 * torch.eye(self.dim, dtype=self.weight.dtype, device=self.weight.device) - self.weight
+        return torch.linalg.inv(self.weight.float()).T
+
     def extra_repr(self) -> str:
         return f"dim={self.dim}, towers={self.towers}, param={self.param}"
 
@@ -131,6 +145,9 @@ class LogLinearHead(LinearHead):
     def weight(self) -> torch.Tensor:
         """W = exp(A), differentiable in A; computed in A's dtype, at least float32."""
         return self.scaled(1.0)
+
+    def reversed_weight(self) -> torch.Tensor:
+        return self.scaled(-1.0)
 
     def scaled(self, t: float) -> torch.Tensor:
         """W_t = exp(t A), differentiable in A (t = −1: the reversed head W⁻¹)."""

@@ -198,6 +198,9 @@ def test_shard_spec_and_finetune_argv(tmp_path):
     dense = finetune_argv(dataclasses.replace(cfg, head_param="dense"), Method("DPO + head", "dpo", True),
                           tmp_path / "pre.pt", typographic_data(tmp_path), tmp_path / "runs", "dpo-head")
     assert dense[-2:] == ["--po-head-param", "dense"]
+    image = finetune_argv(cfg, Method("DPO + image head", "dpo", True, ("--po-head-towers", "image")),
+                          tmp_path / "pre.pt", [], tmp_path / "runs", "dpo-image-head")
+    assert image[-2:] == ["--po-head-param", "dense"]   # the trainer's default on the image tower
     full = finetune_argv(cfg, Method("DPO", "dpo"), tmp_path / "pre.pt", [], tmp_path / "runs", "dpo")
     assert "--po-head-param" not in full and "--po-linear-head" not in full
     assert argv[argv.index("--po-candidates") + 1] == "classes"

@@ -268,16 +268,25 @@ def reg_batch(tokenizer):
             "reg_texts": prompts[:3]}
 
 
-@pytest.mark.parametrize("towers", ["both", "image"])
-def test_the_reversed_heads_kl_is_the_kl_of_the_model_with_w_inverse(tiny_model, tiny_model_and_transforms, towers):
+@pytest.mark.parametrize("param,towers", [("log", "both"), ("log", "image"), ("dense", "image"), ("dense", "both")])
+def test_the_reversed_heads_kl_is_the_kl_of_the_model_turned_around(tiny_model, tiny_model_and_transforms, param,
+                                                                    towers):
     batch = reg_batch(tiny_model_and_transforms[3])
     base = copy.deepcopy(tiny_model)
-    head = attach_linear_head(tiny_model, towers=towers, log=random_generator(seed=7, symmetric=towers == "both"))
+    if param == "log":
+        head = attach_linear_head(tiny_model, towers=towers, log=random_generator(seed=7, symmetric=towers == "both"))
+        W = head.weight.detach().double()
+        turned = torch.linalg.inv(W)                      # exp(−A)
+    else:
+        W = (torch.eye(D) + random_generator(seed=7, symmetric=False)).double()
+        head = attach_linear_head(tiny_model, W.float(), towers)
+        turned = 2 * torch.eye(D, dtype=W.dtype) - W if towers == "image" else torch.linalg.inv(W).T  # U Σ⁻¹ Vᵀ
+    torch.testing.assert_close(head.reversed_weight().double(), turned, rtol=1e-4, atol=1e-5)
     settings = POSettings(reg_lambda=1.0, head_reverse_lambda=0.5)
     out = POCriterion(get_loss("dpo"), make_reference(is_base_of_head=True), settings)(tiny_model, batch)
-    # by hand: the model carrying W⁻¹ (dense), its policy on the D_reg batch against the base model's
+    # by hand: the model carrying W_{−1} (dense), its policy on the D_reg batch against the base model's
     inverse = copy.deepcopy(base)
-    attach_linear_head(inverse, torch.linalg.inv(head.weight.detach().double()).float(), towers)
+    attach_linear_head(inverse, turned.float(), towers)
     with torch.no_grad():
         scale = base.logit_scale.exp()
 
@@ -292,7 +301,8 @@ def test_the_reversed_heads_kl_is_the_kl_of_the_model_with_w_inverse(tiny_model,
     torch.testing.assert_close(out["reg_kl_reversed"], by_hand, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(out["loss"], out["pref_loss"] + out["reg_kl"] + 0.5 * out["reg_kl_reversed"])
     out["loss"].backward()
-    assert head.log.grad is not None and head.log.grad.abs().sum() > 0
+    parameter = head.log if param == "log" else head.weight
+    assert parameter.grad is not None and parameter.grad.abs().sum() > 0
 
 
 def test_the_reversed_heads_kl_is_zero_at_the_identity_and_off_for_the_papers_objective(tiny_model,
@@ -315,21 +325,23 @@ def parsed(*flags):
                           *flags], parse_args)
 
 
-def test_the_log_head_is_the_default_and_its_reversed_side_weighs_like_its_trained_side():
+def test_the_log_head_is_the_default_on_both_towers_and_its_reversed_side_weighs_like_its_trained_side():
     args = parsed("--po-linear-head")
     assert (args.po_head_param, args.po_head_reverse_lambda) == ("log", 1.0)
     assert parsed("--po-linear-head", "--po-reg-lambda", "0.3").po_head_reverse_lambda == 0.3
     assert parsed("--po-linear-head", "--po-head-reverse-lambda", "0").po_head_reverse_lambda == 0.0
     dense = parsed("--po-linear-head", "--po-head-param", "dense")
     assert (dense.po_head_param, dense.po_head_reverse_lambda) == ("dense", 0.0)
+    image = parsed("--po-linear-head", "--po-head-towers", "image")   # the straight line keeps a flip
+    assert (image.po_head_param, image.po_head_reverse_lambda) == ("dense", 0.0)
+    assert parsed("--po-linear-head", "--po-head-towers", "image",
+                  "--po-head-reverse-lambda", "0.1").po_head_reverse_lambda == 0.1
     assert parsed().po_head_reverse_lambda == 0.0   # no head
 
 
 @pytest.mark.parametrize("flags,message", [
     (("--po-head-param", "dense"), "--po-head-param is for --po-linear-head"),
     (("--po-head-reverse-lambda", "1"), "--po-head-reverse-lambda is for --po-linear-head"),
-    (("--po-linear-head", "--po-head-param", "dense", "--po-head-reverse-lambda", "1"),
-     "--po-head-reverse-lambda needs the log head"),
     (("--po-linear-head", "--po-head-reverse-lambda", "-1"), "--po-head-reverse-lambda must be >= 0"),
 ])
 def test_head_flags_that_cannot_work_are_refused(flags, message):

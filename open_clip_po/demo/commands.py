@@ -7,6 +7,7 @@ import socket
 import sys
 from pathlib import Path
 
+from ..head import default_param
 from .pipeline import TEMPLATE, DemoConfig, Method, StageError
 from .world import FONT_DIR
 
@@ -62,7 +63,10 @@ def finetune_argv(cfg, method: Method, pretrained: Path, data: list[str], logs: 
     if method.head:
         argv.append("--po-linear-head")
     argv += list(method.flags)
-    return argv + (["--po-head-param", cfg.head_param] if method.head else [])
+    if not method.head:
+        return argv
+    towers = method.flags[method.flags.index("--po-head-towers") + 1] if "--po-head-towers" in method.flags else "both"
+    return argv + ["--po-head-param", cfg.head_param or default_param(towers)]
 
 
 # -- the typographic demo
@@ -129,8 +133,8 @@ def gender_data(shards: Path) -> list[str]:
 
 
 def svd_scale_argv(ckpt: Path, t: float, out: Path) -> list[str]:
-    """``python -m open_clip_po.svd_scale``: W_t = UΣ^tVᵀ folded into a stock open_clip checkpoint, with the
-    singular-value report."""
+    """``python -m open_clip_po.svd_scale``: W_t (exp(tA), or UΣ^tVᵀ) folded into a stock open_clip checkpoint,
+    with the singular-value report."""
     return [sys.executable, "-m", "open_clip_po.svd_scale", str(ckpt), f"--t={t:g}", "--out", str(out), "--report"]
 
 

@@ -73,7 +73,8 @@ class DemoConfig:
     po_procs: int = 2
     methods: tuple[Method, ...] = ()
     sweep_t: str = "-2:3:0.5"
-    head_param: str = "log"                                       # --po-head-param of the head runs
+    head_param: str | None = None                                 # --po-head-param of the head runs (None:
+                                                                  # the trainer's default for their towers)
     seed: int = 0
 
 
