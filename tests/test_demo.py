@@ -194,7 +194,8 @@ def test_shard_spec_and_finetune_argv(tmp_path):
     assert argv[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node=2" in argv
     assert argv[argv.index("--po-loss") + 1] == "kto" and "--po-linear-head" in argv
     assert argv[argv.index("--logs-dir") + 1] == str(tmp_path / "runs") and "--logs" not in argv
-    assert argv[-4:] == ["--po-beta", "1.5", "--po-head-param", "log"]   # the head's parameterisation, said
+    # the head's parameterisation, said; weight decay for a log head (towards W = I), none for a dense one (towards 0)
+    assert argv[-6:] == ["--po-beta", "1.5", "--po-head-param", "log", "--wd", "0.1"]
     dense = finetune_argv(dataclasses.replace(cfg, head_param="dense"), Method("DPO + head", "dpo", True),
                           tmp_path / "pre.pt", typographic_data(tmp_path), tmp_path / "runs", "dpo-head")
     assert dense[-2:] == ["--po-head-param", "dense"]
@@ -249,6 +250,10 @@ def test_quick_demo_end_to_end(tmp_path):
             assert im.size[0] > 100 and im.size[1] > 100
     commands = (out / "commands.txt").read_text()
     assert "open_clip_po.data.typographic" in commands
+    # the head's t-sweep, with what it shows (the quick world is too small for the full demo's claims about it)
+    knob = report["sweep"]["knob"]
+    assert knob["written_at_0"] == pytest.approx(pre["written_rate"]) and 0 <= knob["best_t"] <= 3
+    assert "Written-class rate monotone in t:" in md and "--po-head-param log --wd 0.1" in commands
     pretrain = [line for line in commands.splitlines() if "--name pretrain-" in line]
     assert pretrain and all("-m open_clip_po.main" in line and "--po-" not in line for line in pretrain)
     assert "torch.distributed.run --nproc_per_node=2" in commands and "-m open_clip_po.main" in commands
@@ -416,6 +421,11 @@ def test_gender_demo_trains_image_heads_per_objective_and_the_paper_head_for_com
     assert all(m.head for m in methods.values())
     assert "--po-head-towers" in methods["kto-image-head"].flags
     assert "--po-head-towers" not in methods["dpo-paper-head"].flags
+    # the image heads hold their reversed side at a tenth of λ (μ = λ halved DPO's flip); the paper head takes the
+    # trainer's default, μ = λ
+    flags = methods["kto-image-head"].flags
+    assert flags[flags.index("--po-head-reverse-lambda") + 1] == "0.1"
+    assert "--po-head-reverse-lambda" not in methods["dpo-paper-head"].flags
     assert [m.slug for m in quick_gender_config().methods] == ["dpo-image-head"]
 
 

@@ -66,7 +66,9 @@ def finetune_argv(cfg, method: Method, pretrained: Path, data: list[str], logs: 
     if not method.head:
         return argv
     towers = method.flags[method.flags.index("--po-head-towers") + 1] if "--po-head-towers" in method.flags else "both"
-    return argv + ["--po-head-param", cfg.head_param or default_param(towers)]
+    param = cfg.head_param or default_param(towers)
+    wd = getattr(cfg, "head_wd", None) if param == "log" else None   # a demo's weight decay of its log heads
+    return argv + ["--po-head-param", param] + (["--wd", wd] if wd else [])
 
 
 # -- the typographic demo
