@@ -14,14 +14,15 @@ backbone without W and costs nothing extra. Where W acts is the head's ``towers`
 
 How W is parameterised is the head's ``param``:
 
-- ``"log"`` (:class:`LogLinearHead`, what ``--po-linear-head`` trains): ``W = exp(A)``, the matrix exponential
-  of a learned generator A (zero at init), and ``W_t = exp(t A)`` — exact and invertible for every t, with
-  ``W_0 = I`` the base model and ``W_{-t} = W_t⁻¹``. On both towers A is symmetric, so ``W = V diag(e^λ) Vᵀ`` is
+- ``"log"`` (:class:`LogLinearHead`, what ``--po-linear-head`` trains on both towers): ``W = exp(A)``, the matrix
+  exponential of a learned generator A (zero at init), and ``W_t = exp(t A)`` — exact and invertible for every t,
+  with ``W_0 = I`` the base model and ``W_{-t} = W_t⁻¹``. On both towers A is symmetric, so ``W = V diag(e^λ) Vᵀ`` is
   its own SVD and ``exp(t A) = U Σ^t Vᵀ`` (paper Eq. 16) with log-singular values λ; nothing is lost, since the
   similarities see W only through WᵀW (and any W has the same WᵀW as the symmetric V Σ Vᵀ). On the image tower A
   is a general matrix. Weight decay on A pulls W towards the identity (it penalises ‖log Σ‖²), not towards 0.
-- ``"dense"`` (:class:`LinearHead`): W itself is the parameter, scaled after training as U Σ^t Vᵀ (both towers) or
-  I + t (W − I) (image tower); see ``open_clip_po.surgery.scale_head``.
+- ``"dense"`` (:class:`LinearHead`, the default on the image tower, see :func:`default_param`): W itself is the
+  parameter, scaled after training as U Σ^t Vᵀ (both towers) or I + t (W − I) (image tower); see
+  ``open_clip_po.surgery.scale_head``.
 
 The head is attached to an open_clip model *instance* as the submodule ``po_head`` and wraps the
 instance's ``encode_image``/``encode_text``; ``model.forward`` calls those, so DDP, open_clip's
