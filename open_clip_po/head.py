@@ -42,7 +42,6 @@ from .unwrap import unwrap
 
 HEAD_ATTR = "po_head"  # the submodule's name on the model, and the checkpoint key that stores W
 HEAD_PARAM = f"{HEAD_ATTR}.weight"  # a dense W's name in the model's state_dict
-HEAD_LOG_PARAM = f"{HEAD_ATTR}.log"  # a log-parameterised head's generator A in the model's state_dict
 TOWERS = ("both", "image")  # where W acts; see the module docstring
 PARAMS = ("log", "dense")  # how W is parameterised; see the module docstring
 
