@@ -9,6 +9,9 @@ Written by ``open_clip_po.main`` (``logs/NAME/checkpoints/epoch_N.pt``, ``epoch_
                                     # features f -> W f before normalising, on both towers or the image's
                                     # (a missing "towers" is "both")
       "po_head_note": str,          # with po_head: says that stock open_clip loads the towers without W
+                 # + {"param": "log", "log": A} for a log-parameterised head (--po-head-param log, the
+                 #   default): W = exp(A), W_t = exp(t A) exactly; "weight" is still W, for stock tools
+                 #   and older readers. Without "log" the head is dense (W_t from W's SVD).
       "po_average": {               # only with --po-average bma|ema
           "kind": "bma" | "ema",
           "state_dict": {...},      # averaged stock model weights (no "module." prefix)
@@ -40,7 +43,7 @@ import torch
 
 from . import __version__
 from .atomic import atomic_path
-from .head import HEAD_ATTR, HEAD_PARAM, attach_linear_head, check_towers
+from .head import HEAD_ATTR, attach_linear_head, check_param, check_towers, exp_head, generator_of
 
 HEAD_KEY = HEAD_ATTR
 HEAD_NOTE_KEY = "po_head_note"
@@ -120,22 +123,25 @@ def strip_module_prefix(state_dict: dict) -> dict:
     return dict(state_dict)
 
 
-def split_head(state_dict: dict) -> tuple[dict, torch.Tensor | None]:
-    """``(stock state dict, W or None)``: the head's weight taken out (under any "module." prefix)."""
-    stock, head = {}, None
+def split_head(state_dict: dict) -> tuple[dict, dict | None]:
+    """``(stock state dict, the head's own state or None)``: every ``po_head.*`` entry (under any "module."
+    prefix) taken out, keyed by its name inside the head (``{"weight": W}`` or ``{"log": A}``)."""
+    stock, head = {}, {}
+    prefix = HEAD_ATTR + "."
     for key, value in state_dict.items():
-        if key.removeprefix("module.") == HEAD_PARAM:
-            head = value
+        name = key.removeprefix("module.")
+        if name.startswith(prefix):
+            head[name[len(prefix):]] = value
         else:
             stock[key] = value
-    return stock, head
+    return stock, (head or None)
 
 
-def join_head(state_dict: dict, head: torch.Tensor | None, prefix: str = "") -> dict:
-    """The inverse of :func:`split_head`: W back under the model's parameter name."""
+def join_head(state_dict: dict, head: dict | None, prefix: str = "") -> dict:
+    """The inverse of :func:`split_head`: the head's state back under the model's parameter names."""
     joined = dict(state_dict)
-    if head is not None:
-        joined[prefix + HEAD_PARAM] = head
+    for name, value in (head or {}).items():
+        joined[f"{prefix}{HEAD_ATTR}.{name}"] = value
     return joined
 
 
@@ -161,9 +167,35 @@ def dropped_head_warning(path, flag: str) -> str | None:
             f"{path} --t 1")
 
 
-def head_entry(weight: torch.Tensor, towers: str = "both") -> dict:
-    """The ``po_head`` entry of a checkpoint."""
-    return {"weight": weight, "towers": towers}
+def head_entry(weight: torch.Tensor | None, towers: str = "both", log: torch.Tensor | None = None) -> dict:
+    """The ``po_head`` entry of a checkpoint: a dense W, or a log head's generator A together with W = exp(A)."""
+    if log is None:
+        return {"weight": weight, "towers": towers}
+    generator = generator_of(log.detach(), towers)
+    return {"weight": exp_head(generator).to(log.dtype), "towers": towers, "param": "log", "log": generator}
+
+
+def entry_of_state(head: dict, towers: str) -> dict:
+    """The ``po_head`` entry for a head's own state as :func:`split_head` gives it."""
+    return head_entry(head.get("weight"), towers, head.get("log"))
+
+
+def state_of_entry(entry: dict | None) -> dict | None:
+    """The head's own state (parameter name → tensor) for a ``po_head`` entry; the inverse of entry_of_state."""
+    if entry is None:
+        return None
+    return {"log": entry["log"]} if entry_param(entry) == "log" else {"weight": entry["weight"]}
+
+
+def entry_param(entry: dict | None, path="checkpoint") -> str:
+    """How a ``po_head`` entry parameterises W: "log" when it holds the generator, else "dense"."""
+    try:
+        param = check_param((entry or {}).get("param", "dense"))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    if param == "log" and not torch.is_tensor(entry.get("log")):
+        raise CheckpointError(f"{path}: po_head says param 'log' but holds no generator ('log')")
+    return param
 
 
 def entry_towers(entry: dict | None, path="checkpoint") -> str:
@@ -179,14 +211,13 @@ def average_entry(averager, state_dict: dict, towers: str = "both") -> dict:
     stock, head = split_head(averager.averaged_state_dict(strip_module_prefix(state_dict)))
     entry = {"kind": averager.kind, "state_dict": stock, "state": averager.state()}
     if head is not None:
-        entry[HEAD_KEY] = head_entry(head, towers)
+        entry[HEAD_KEY] = entry_of_state(head, towers)
     return entry
 
 
 def load_average(averager, entry: dict) -> None:
     """Restore ``averager`` from a ``po_average`` entry written by :func:`average_entry`."""
-    head = entry.get(HEAD_KEY)
-    averager.load(entry.get("kind"), join_head(entry["state_dict"], None if head is None else head["weight"]),
+    averager.load(entry.get("kind"), join_head(entry["state_dict"], state_of_entry(entry.get(HEAD_KEY))),
                   entry["state"])
 
 
@@ -207,10 +238,24 @@ def model_weights(checkpoint: dict, weights: str = "raw", path: str = "checkpoin
     return state_dict, (None if head is None else head["weight"])
 
 
+def _head_source(checkpoint: dict, weights: str) -> dict:
+    return (checkpoint.get(AVERAGE_KEY) or {}) if weights != "raw" else checkpoint
+
+
 def head_towers(checkpoint: dict, weights: str = "raw", path="checkpoint") -> str:
     """Where the head of ``checkpoint`` (its raw or averaged weights) acts: "both" or "image"."""
-    source = (checkpoint.get(AVERAGE_KEY) or {}) if weights != "raw" else checkpoint
-    return entry_towers(source.get(HEAD_KEY), path)
+    return entry_towers(_head_source(checkpoint, weights).get(HEAD_KEY), path)
+
+
+def head_generator(checkpoint: dict, weights: str = "raw", path="checkpoint") -> torch.Tensor | None:
+    """The generator A (W = exp(A)) of a log-parameterised head in ``checkpoint``; None for a dense head or none."""
+    entry = _head_source(checkpoint, weights).get(HEAD_KEY)
+    if entry is None or entry_param(entry, path) != "log":
+        return None
+    log, weight = entry["log"], entry.get("weight")
+    if torch.is_tensor(weight) and log.shape != weight.shape:
+        raise CheckpointError(f"{path}: po_head's generator is {tuple(log.shape)} but its W is {tuple(weight.shape)}")
+    return log
 
 
 @dataclass
@@ -226,15 +271,15 @@ class CheckpointCodec:
     """Translates between open_clip's checkpoint dict (the model's state_dict with W inside, "module." under
     DDP) and ours (W and the extras outside ``state_dict``, so stock open_clip loads it)."""
 
-    def __init__(self, *, linear_head: bool, head_towers: str = "both"):
-        self.linear_head, self.head_towers = linear_head, head_towers
+    def __init__(self, *, linear_head: bool, head_towers: str = "both", head_param: str = "dense"):
+        self.linear_head, self.head_towers, self.head_param = linear_head, head_towers, head_param
 
     def encode(self, ckpt: dict, *, averager=None, reference: dict | None = None, rng: list | None = None,
                objective: dict | None = None) -> dict:
         out = dict(ckpt)
         out["state_dict"], head = split_head(ckpt["state_dict"])
         if head is not None:
-            out[HEAD_KEY] = head_entry(head, self.head_towers)
+            out[HEAD_KEY] = entry_of_state(head, self.head_towers)
             out[HEAD_NOTE_KEY] = HEAD_NOTE
         if averager is not None:
             out[AVERAGE_KEY] = average_entry(averager, ckpt["state_dict"], self.head_towers)
@@ -258,10 +303,13 @@ class CheckpointCodec:
         towers = None if head is None else entry_towers(head, path)
         if towers is not None and towers != self.head_towers:
             raise CheckpointError(f"{path} has a head on {towers} tower(s); resume it with --po-head-towers {towers}")
+        param = None if head is None else entry_param(head, path)
+        if param is not None and param != self.head_param:
+            raise CheckpointError(f"{path} has a {param} head; resume it with --po-head-param {param}")
         state_dict = {prefix + k: v for k, v in strip_module_prefix(ckpt["state_dict"]).items()}
         decoded = {k: v for k, v in ckpt.items() if k not in (HEAD_KEY, HEAD_NOTE_KEY, AVERAGE_KEY, REFERENCE_KEY,
                                                                 RNG_KEY, OBJECTIVE_KEY)}
-        decoded["state_dict"] = join_head(state_dict, None if head is None else head["weight"], prefix)
+        decoded["state_dict"] = join_head(state_dict, state_of_entry(head), prefix)
         extras = TrainingExtras(ckpt.get(AVERAGE_KEY), ckpt.get(REFERENCE_KEY), ckpt.get(RNG_KEY),
                                 ckpt.get(OBJECTIVE_KEY))
         return decoded, extras
@@ -305,6 +353,7 @@ def create_model_from_checkpoint(model_name: str, path: str | os.PathLike, weigh
     checkpoint = load_checkpoint(path)
     state_dict, head = model_weights(checkpoint, weights, str(path))
     towers = head_towers(checkpoint, weights, str(path))
+    log = head_generator(checkpoint, weights, str(path))
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
         model_name, device=device, **create_kwargs)
     try:
@@ -312,6 +361,8 @@ def create_model_from_checkpoint(model_name: str, path: str | os.PathLike, weigh
     except RuntimeError as e:
         first = str(e).splitlines()[0]
         raise CheckpointError(f"{path} does not fit model {model_name}: {first}") from e
-    if head is not None:
+    if log is not None:
+        attach_linear_head(model, towers=towers, log=log.to(device))
+    elif head is not None:
         attach_linear_head(model, head.to(device), towers)
     return model, preprocess_train, preprocess_val

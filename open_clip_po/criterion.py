@@ -16,7 +16,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+import torch.nn.functional as F
+
 from . import losses as po_losses
+from .head import get_linear_head
 from .reference import Features
 
 
@@ -27,6 +30,8 @@ class POSettings:
     candidates: str = "batch"  # "batch": the global batch's captions; "classes": one prompt per class
     kto_kl: str = "mismatched"  # KTO's reference point z: "mismatched" pairs (TRL) or "exact" KL
     distributed: bool = False
+    # μ: the same KL for the reversed head W⁻¹ = W_{−1} of a log-parameterised head (see reversed_head_kl)
+    head_reverse_lambda: float = 0.0
 
 
 class StepText(NamedTuple):
@@ -72,7 +77,8 @@ class POCriterion(nn.Module):
         if settings.candidates == "classes" and prompt_tokens is None:
             raise ValueError("--po-candidates classes needs --po-classnames")
         self.prompt_tokens = prompt_tokens
-        self.needs_reference_features = objective.requires_reference or settings.reg_lambda > 0
+        self.needs_reference_features = (objective.requires_reference or settings.reg_lambda > 0
+                                         or settings.head_reverse_lambda > 0)
 
     def _pair_logps(self, features: Features, text: StepText, n_pref: int, index: dict | None):
         image = features.image[:n_pref]
@@ -94,7 +100,7 @@ class POCriterion(nn.Module):
     def forward(self, model, batch: dict) -> dict:
         images, chosen, rejected = batch["images"], batch["chosen"], batch["rejected"]
         reg_images, reg_texts = batch.get("reg_images"), batch.get("reg_texts")
-        use_reg = reg_images is not None and self.settings.reg_lambda > 0
+        use_reg = reg_images is not None and max(self.settings.reg_lambda, self.settings.head_reverse_lambda) > 0
         n_pref, n_reg = images.shape[0], (reg_texts.shape[0] if use_reg else 0)
 
         text_parts = [chosen, rejected] + ([reg_texts] if use_reg else [])
@@ -132,4 +138,23 @@ class POCriterion(nn.Module):
                                            gather=self.settings.distributed)
             metrics["reg_kl"] = reg.detach()
         total = po_losses.total_loss(out["loss"], reg, self.settings.reg_lambda if use_reg else 0.0)
+        if use_reg and self.settings.head_reverse_lambda > 0:
+            reversed_kl = self.reversed_head_kl(model, ref, r_text.reg, n_pref, policy.scale)
+            metrics["reg_kl_reversed"] = reversed_kl.detach()
+            total = total + self.settings.head_reverse_lambda * reversed_kl
         return {"loss": total, "logit_scale": policy.scale.detach(), **metrics}
+
+    def reversed_head_kl(self, model, ref: Features, ref_reg_text: torch.Tensor, n_pref: int, scale) -> torch.Tensor:
+        """``E_{x∈D_reg} KL(π_{W_{−1}}(·|x) ‖ π_ref(·|x))``: Eq. 11 for the head turned around (t = −1).
+
+        The KL term holds the trained head W_1 near the reference; this one holds W_{−1} (exp(−A) for a log head,
+        2I − W for a dense image head; ``LinearHead.reversed_weight``) there too, so the knob W_t moves the model by
+        about as much either way and t < 0 undoes what the head learned instead of wrecking the features. W_{−1}
+        acts on the reference's normalised features as on the raw ones: normalise(M f / |f|) = normalise(M f)."""
+        head = get_linear_head(model)
+        inverse = head.reversed_weight()
+        image = F.normalize(ref.image[n_pref:] @ inverse.T.to(ref.image.dtype), dim=-1)
+        text = F.normalize(ref_reg_text @ inverse.T.to(ref_reg_text.dtype), dim=-1) if head.towers == "both" \
+            else ref_reg_text
+        return po_losses.kl_regulariser(image, text, ref.image[n_pref:], ref_reg_text, scale, ref.scale,
+                                        direction=self.settings.reg_direction, gather=self.settings.distributed)

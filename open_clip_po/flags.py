@@ -79,6 +79,15 @@ def po_argument_parser(**parser_kwargs) -> argparse.ArgumentParser:
                    help="where the head acts: both towers, similarity xᵀWᵀWy (the paper's, default), or the image "
                         "tower only, (Wx)ᵀy, which can reverse a concept the paper's form can only erase "
                         "(docs/surgery.md)")
+    g.add_argument("--po-head-param", choices=("log", "dense"), default=None,
+                   help="how W is learned: log = W = exp(A), scaled exactly as exp(tA) for every t, --wd pulling "
+                        "it towards the identity (default on both towers); dense = W itself, the paper's (default "
+                        "on the image tower: its straight line keeps a flip) (docs/surgery.md)")
+    g.add_argument("--po-head-reverse-lambda", type=float, default=None,
+                   help="μ: weight of the KL on D_reg of the head turned around (W_{-1}: exp(−A), or 2I − W on the "
+                        "image tower), so that t < 0 undoes what the head learned instead of wrecking the features "
+                        "(default: --po-reg-lambda's value for a log head, 0 for a dense one; 0 = the paper's "
+                        "objective)")
     g.add_argument("--po-full-text-context", action="store_true",
                    help="run the text tower over all context_length positions, as open_clip does (default: only over "
                         "each batch's caption span; exact for causal, argmax-pooled text towers)")

@@ -79,7 +79,7 @@ def test_linear_head_mode_gives_the_frozen_backbone_the_same_layout(inputs):
 
     from open_clip_po.trainer.model_setup import ModelSetup
 
-    args = SimpleNamespace(po_ref_cache=None, po_linear_head=True, po_head_towers="both",
+    args = SimpleNamespace(po_ref_cache=None, po_linear_head=True, po_head_towers="both", po_head_param="log",
                            po_full_text_context=False)
     setup = ModelSetup(lambda: args, open_clip.create_model_and_transforms)
     torch.manual_seed(0)

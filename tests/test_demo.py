@@ -1,6 +1,7 @@
 """The demos: the synthetic worlds, the reports' target checks, and ``--quick`` end to end (typographic and gender)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from PIL import Image
 
 from open_clip_po.demo.commands import finetune_argv, pretrain_argv, shard_spec, typographic_data
 from open_clip_po.demo.pipeline import DemoConfig, Method, checkpoint_of, quick_config
-from open_clip_po.demo.typographic_report import check_targets
+from open_clip_po.demo.typographic_report import check_targets, knob_checks
 from open_clip_po.demo.world import (KINDS, TEXT_SIZE_224, TextStyle, WorldClass, attack, caption, draw_object,
                                     render, world_classes, write_word)
 from open_clip_po.demo.world_files import write_class_folder, write_pretrain_set
@@ -163,6 +164,24 @@ def test_check_targets_by_hand():
     assert not check_targets(rows)["robust_met"]
 
 
+def test_knob_checks_by_hand():
+    def row(t, clean, attacked, written):
+        return {"t": t, "clean_top1": clean, "typographic_top1": attacked, "written_rate": written}
+
+    rows = [row(2.0, 0.83, 0.45, 0.06), row(-1.0, 0.84, 0.15, 0.18), row(0.0, 0.85, 0.20, 0.15),
+            row(1.0, 0.845, 0.35, 0.10), row(3.0, 0.80, 0.50, 0.05), row(-2.0, 0.70, 0.10, 0.19)]
+    k = knob_checks(rows)   # rows in any order
+    assert k["written_monotone"] and k["written_largest_rise"] == 0.0
+    assert (k["written_at_minus_1"], k["written_at_0"]) == (0.18, 0.15)
+    assert k["clean_largest_drop_minus1_to_2"] == pytest.approx(0.02)   # t = 2; t = −2 and 3 lie outside [−1, 2]
+    # t = 3 gains most but costs 5 points of clean accuracy; t = 2 costs 2
+    assert k["best_t"] == 2.0 and k["best_attacked_gain"] == pytest.approx(0.25)
+    assert k["best_clean_change"] == pytest.approx(-0.02)
+    rows[0]["written_rate"] = 0.11   # t = 2 reads more than t = 1
+    k = knob_checks(rows)
+    assert not k["written_monotone"] and k["written_largest_rise"] == pytest.approx(0.01)
+
+
 def test_shard_spec_and_finetune_argv(tmp_path):
     for i in range(3):
         (tmp_path / f"pref-{i:06d}.tar").write_bytes(b"")
@@ -175,7 +194,16 @@ def test_shard_spec_and_finetune_argv(tmp_path):
     assert argv[1:3] == ["-m", "torch.distributed.run"] and "--nproc_per_node=2" in argv
     assert argv[argv.index("--po-loss") + 1] == "kto" and "--po-linear-head" in argv
     assert argv[argv.index("--logs-dir") + 1] == str(tmp_path / "runs") and "--logs" not in argv
-    assert argv[-2:] == ["--po-beta", "1.5"]
+    # the head's parameterisation, said; weight decay for a log head (towards W = I), none for a dense one (towards 0)
+    assert argv[-6:] == ["--po-beta", "1.5", "--po-head-param", "log", "--wd", "0.1"]
+    dense = finetune_argv(dataclasses.replace(cfg, head_param="dense"), Method("DPO + head", "dpo", True),
+                          tmp_path / "pre.pt", typographic_data(tmp_path), tmp_path / "runs", "dpo-head")
+    assert dense[-2:] == ["--po-head-param", "dense"]
+    image = finetune_argv(cfg, Method("DPO + image head", "dpo", True, ("--po-head-towers", "image")),
+                          tmp_path / "pre.pt", [], tmp_path / "runs", "dpo-image-head")
+    assert image[-2:] == ["--po-head-param", "dense"]   # the trainer's default on the image tower
+    full = finetune_argv(cfg, Method("DPO", "dpo"), tmp_path / "pre.pt", [], tmp_path / "runs", "dpo")
+    assert "--po-head-param" not in full and "--po-linear-head" not in full
     assert argv[argv.index("--po-candidates") + 1] == "classes"
     with pytest.raises(Exception, match="no nothing-\\*.tar"):
         shard_spec(tmp_path, "nothing")
@@ -223,6 +251,10 @@ def test_quick_demo_end_to_end(tmp_path):
             assert im.size[0] > 100 and im.size[1] > 100
     commands = (out / "commands.txt").read_text()
     assert "open_clip_po.data.typographic" in commands
+    # the head's t-sweep, with what it shows (the quick world is too small for the full demo's claims about it)
+    knob = report["sweep"]["knob"]
+    assert knob["written_at_0"] == pytest.approx(pre["written_rate"]) and 0 <= knob["best_t"] <= 3
+    assert "Written-class rate monotone in t:" in md and "--po-head-param log --wd 0.1" in commands
     pretrain = [line for line in commands.splitlines() if "--name pretrain-" in line]
     assert pretrain and all("-m open_clip_po.main" in line and "--po-" not in line for line in pretrain)
     assert "torch.distributed.run --nproc_per_node=2" in commands and "-m open_clip_po.main" in commands
@@ -390,6 +422,11 @@ def test_gender_demo_trains_image_heads_per_objective_and_the_paper_head_for_com
     assert all(m.head for m in methods.values())
     assert "--po-head-towers" in methods["kto-image-head"].flags
     assert "--po-head-towers" not in methods["dpo-paper-head"].flags
+    # the image heads hold their reversed side at a tenth of λ (μ = λ halved DPO's flip); the paper head takes the
+    # trainer's default, μ = λ
+    flags = methods["kto-image-head"].flags
+    assert flags[flags.index("--po-head-reverse-lambda") + 1] == "0.1"
+    assert "--po-head-reverse-lambda" not in methods["dpo-paper-head"].flags
     assert [m.slug for m in quick_gender_config().methods] == ["dpo-image-head"]
 
 

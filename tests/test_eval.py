@@ -1,4 +1,5 @@
 """open_clip_po.eval: zero-shot clean/typographic metrics, the t-sweep, gender flipping, KL — against brute force."""
+import copy
 import json
 import math
 import random
@@ -631,3 +632,33 @@ def test_module_entry_point_one_line_error_and_help(tmp_path):
         with pytest.raises(SystemExit) as exit_info:
             build_parser().parse_args([command, "--help"])
         assert exit_info.value.code == 0
+
+
+@pytest.mark.parametrize("towers", ["both", "image"])
+def test_sweep_of_a_log_head_is_its_folded_checkpoints(folders, tiny_model_and_transforms, tmp_path, towers):
+    """A log head (W = exp(A), the default of --po-linear-head) is swept along exp(tA): each row is the zero-shot
+    evaluation of the stock checkpoint svd_scale folds at that t (on the image tower exp(tA) is not the dense
+    head's I + t(W − I), so a sweep that lost the generator would not match)."""
+    from open_clip_po.checkpoint import CheckpointCodec, atomic_save
+    from open_clip_po.head import attach_linear_head
+    from open_clip_po.surgery.cli import main as svd_scale_main
+
+    model = copy.deepcopy(tiny_model_and_transforms[0])
+    g = torch.Generator().manual_seed(3)
+    A = 0.4 * torch.randn(D, D, generator=g)
+    attach_linear_head(model, towers=towers, log=(A + A.T) / 2 if towers == "both" else A)
+    head = atomic_save(CheckpointCodec(linear_head=True, head_towers=towers, head_param="log").encode(
+        {"epoch": 1, "name": "log-head", "state_dict": model.state_dict()}), tmp_path / "head.pt")
+    clean, attacked = folders
+    common = ["--model", "po-tiny", "--images", str(clean), "--typographic", str(attacked), "--workers", "0"]
+    assert _run_cli(["sweep", "--pretrained", str(head), "--t", "-2,1", "--output", str(tmp_path / "sweep.json")]
+                    + common) == 0
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    assert sweep["head"]["param"] == "log"
+    for row in sweep["rows"]:
+        folded = tmp_path / f"t{row['t']:g}.pt"
+        assert svd_scale_main([str(head), "--t", str(row["t"]), "--out", str(folded)]) == 0
+        assert _run_cli(["zeroshot", "--pretrained", str(folded), "--output", str(tmp_path / "z.json")] + common) == 0
+        metrics = json.loads((tmp_path / "z.json").read_text())["metrics"]
+        for key in ("clean_top1", "typographic_top1", "written_rate"):
+            assert row[key] == pytest.approx(metrics[key]), (row["t"], key)

@@ -343,7 +343,7 @@ def test_cli_folds_a_ddp_checkpoint_into_a_stock_one(head_checkpoint, tiny_model
     written = load_checkpoint(out)
     assert set(written) == {"epoch", "name", "state_dict", "po_svd_scale", "po_version"}  # no optimizer, no head
     assert written["po_svd_scale"] == {"t": -1.0, "weights": "raw", "folded": True, "towers": "both",
-                                      "source": str(path)}
+                                      "param": "dense", "source": str(path)}
     expected = fold_head(tiny_model.state_dict(), scale_head(W, -1.0))
     assert set(written["state_dict"]) == set(expected)
     for key, value in expected.items():

@@ -316,7 +316,7 @@ def setup_args(**kw):
     return SimpleNamespace(**{"po_ref_cache": None, "po_linear_head": False, "po_ref_model": None,
                               "po_ref_pretrained": None, "lock_text": False, "lock_text_unlocked_layers": 0,
                               "lock_text_freeze_layer_norm": False, "po_full_text_context": False,
-                              "po_head_towers": "both",
+                              "po_head_towers": "both", "po_head_param": "log",
                               "model": "po-tiny", "precision": "fp32", "cache_dir": None, **kw})
 
 

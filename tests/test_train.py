@@ -148,6 +148,11 @@ def test_linear_head_mode_trains_only_w(toy, tmp_path):
         assert torch.equal(value, start[name]), name
     W = ckpt["po_head"]["weight"]
     assert W.shape == (32, 32) and not torch.allclose(W, torch.eye(32))
+    # the default head is W = exp(A) with A symmetric; the checkpoint keeps both
+    A = ckpt["po_head"]["log"]
+    assert ckpt["po_head"]["param"] == "log" and torch.equal(A, A.T)
+    torch.testing.assert_close(W.double(), torch.linalg.matrix_exp(A.double()), rtol=1e-5, atol=1e-6)
+    assert "reg_kl_reversed" in (tmp_path / "head" / "out.log").read_text()   # μ = λ by default
     policy = load_policy(toy, tmp_path / "head" / "checkpoints" / "epoch_1.pt")
     assert preference_stats(policy, load_reference(toy), toy_triplets(toy))["dpo_loss"] < math.log(2)
 

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None,
                    help="comma-separated subset of the fine-tuning runs, e.g. dpo,dpo-head,ce (default: all of "
                         "dpo, dpo-head, ipo, ipo-head, kto, kto-head, ce, ce-head; --quick: dpo, dpo-head, ce)")
+    p.add_argument("--head-param", choices=("log", "dense"), default=None,
+                   help="how the heads learn W (--po-head-param): log = W = exp(A), dense = W itself (default: the "
+                        "trainer's, log on both towers and dense on the image tower)")
     p.add_argument("--seed", type=int, default=0, help="seed of the world and of every run (default: 0)")
     p.add_argument("--threads", type=int, default=None,
                    help="OMP_NUM_THREADS for the subprocesses (default: the environment's)")
@@ -62,7 +65,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     cfg = quick_config() if args.quick else full_config()
-    cfg = dataclasses.replace(cfg, seed=args.seed)
+    cfg = dataclasses.replace(cfg, seed=args.seed, head_param=args.head_param)
     if args.methods is not None:
         wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
         known = {m.slug: m for m in full_config().methods}

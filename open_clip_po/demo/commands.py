@@ -7,6 +7,7 @@ import socket
 import sys
 from pathlib import Path
 
+from ..head import default_param
 from .pipeline import TEMPLATE, DemoConfig, Method, StageError
 from .world import FONT_DIR
 
@@ -52,7 +53,7 @@ def free_port() -> int:
 def finetune_argv(cfg, method: Method, pretrained: Path, data: list[str], logs: Path, run_name: str
                   ) -> list[str]:
     """``torchrun --nproc_per_node=N -m open_clip_po.main`` (gloo on CPU) on the ``data`` flags, with the method's
-    objective and flags. ``cfg`` gives model, seed and the ``po_*`` settings."""
+    objective and flags. ``cfg`` gives model, seed, the ``po_*`` settings and how a head is parameterised."""
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.po_procs}",
                 "--master_port", str(free_port())]
     argv = launcher + [
@@ -61,7 +62,13 @@ def finetune_argv(cfg, method: Method, pretrained: Path, data: list[str], logs: 
         *FINETUNE_COMMON, "--save-frequency", str(cfg.po_epochs), "--logs-dir", str(logs), "--name", run_name]
     if method.head:
         argv.append("--po-linear-head")
-    return argv + list(method.flags)
+    argv += list(method.flags)
+    if not method.head:
+        return argv
+    towers = method.flags[method.flags.index("--po-head-towers") + 1] if "--po-head-towers" in method.flags else "both"
+    param = cfg.head_param or default_param(towers)
+    wd = getattr(cfg, "head_wd", None) if param == "log" else None   # a demo's weight decay of its log heads
+    return argv + ["--po-head-param", param] + (["--wd", wd] if wd else [])
 
 
 # -- the typographic demo
@@ -128,8 +135,8 @@ def gender_data(shards: Path) -> list[str]:
 
 
 def svd_scale_argv(ckpt: Path, t: float, out: Path) -> list[str]:
-    """``python -m open_clip_po.svd_scale``: W_t = UΣ^tVᵀ folded into a stock open_clip checkpoint, with the
-    singular-value report."""
+    """``python -m open_clip_po.svd_scale``: W_t (exp(tA), or UΣ^tVᵀ) folded into a stock open_clip checkpoint,
+    with the singular-value report."""
     return [sys.executable, "-m", "open_clip_po.svd_scale", str(ckpt), f"--t={t:g}", "--out", str(out), "--report"]
 
 

@@ -17,9 +17,9 @@
    (2 processes): with DPO, IPO and KTO a head on the image tower (``--po-head-towers image``, similarity
    (Wx)ᵀy), and with DPO the paper's head on both towers (xᵀWᵀWy), which on this world erases gender instead of
    reversing it — its form cannot reverse a direction that pre-training made near-parallel in the two towers;
-5. measures with ``python -m open_clip_po.eval gender`` over t ∈ [-2, 2] (W_t = I + t(W − I) for the image head,
-   UΣ^tVᵀ for the paper's) on balanced held-out
-   images: the own-gender probability falls with t, flips at t = 1, crosses 1/2 at a neutral t*, while activity
+5. measures with ``python -m open_clip_po.eval gender`` over t ∈ [-2, 2] (W_t = exp(tA) for the default log heads,
+   W = exp(A); with ``--head-param dense`` I + t(W − I) for the image head and UΣ^tVᵀ for the paper's) on balanced
+   held-out images: the own-gender probability falls with t, flips at t = 1, crosses 1/2 at a neutral t*, while activity
    accuracy stays; retrieval's gender mix at t = 0, t*, 1 and each prompt's lean over t; folds W_t at t = 1 and t* into stock checkpoints with
    ``python -m open_clip_po.svd_scale``; writes ``DIR/report.md``, ``report.json``, ``flip.png``
    (Fig. 3) and ``retrieval.png`` (Fig. 4). Every command is logged in ``DIR/commands.txt``.
@@ -60,6 +60,9 @@ def build_gender_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden-share", type=_share, default=None,
                    help="share of pre-training images with the activity's object out of frame (default: "
                         f"{GenderConfig().hidden_share:g})")
+    p.add_argument("--head-param", choices=("log", "dense"), default=None,
+                   help="how the heads learn W (--po-head-param): log = W = exp(A), dense = W itself (default: the "
+                        "trainer's, log on both towers and dense on the image tower)")
     p.add_argument("--seed", type=int, default=0, help="seed of the world and of every run (default: 0)")
     p.add_argument("--threads", type=int, default=None,
                    help="OMP_NUM_THREADS for the subprocesses (default: the environment's)")
@@ -81,7 +84,7 @@ def gender_main(argv) -> int:
     args = build_gender_parser().parse_args(argv)
     setup_logging()
     cfg = quick_gender_config() if args.quick else full_gender_config()
-    cfg = dataclasses.replace(cfg, seed=args.seed, t_grid=args.t or cfg.t_grid)
+    cfg = dataclasses.replace(cfg, seed=args.seed, t_grid=args.t or cfg.t_grid, head_param=args.head_param)
     shares = {"neutral_share": args.neutral_share, "hidden_share": args.hidden_share}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in shares.items() if v is not None})
     if args.methods is not None or args.paper_methods is not None:

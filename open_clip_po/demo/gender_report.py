@@ -116,7 +116,16 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_flip(rows: list[dict], path: Path) -> Path:
+def scaling_words(head_param: str | None) -> tuple[str, str]:
+    """How the image head and the paper head are scaled, for the report: a log head (W = exp(A)) along exp(tA),
+    a dense one along the straight line (image) or by its SVD (paper); None = the trainer's default per towers
+    (the paper head log, the image head dense)."""
+    image = "exp(tA)" if head_param == "log" else "I + t(W − I)"
+    paper = "UΣ^tVᵀ" if head_param == "dense" else "exp(tA) = UΣ^tVᵀ"
+    return image, paper
+
+
+def plot_flip(rows: list[dict], path: Path, head_param: str | None = None) -> Path:
     """Fig. 3: mean probability of the own and the flipped gender over t, one colour per objective."""
     import matplotlib
     matplotlib.use("Agg")
@@ -129,7 +138,8 @@ def plot_flip(rows: list[dict], path: Path) -> Path:
         if math.isfinite(row["t_star"]):
             ax.axvline(row["t_star"], color=colour, linestyle=":", linewidth=1)
     ax.axhline(0.5, color="gray", linewidth=0.8)
-    ax.set_xlabel("t  (image head I + t(W − I), paper head UΣ^tVᵀ; 0 pre-trained, 1 trained)")
+    image, paper = scaling_words(head_param)
+    ax.set_xlabel(f"t  (image head {image}, paper head {paper}; 0 pre-trained, 1 trained)")
     ax.set_ylabel("probability (mean over held-out images)")
     ax.set_ylim(-0.02, 1.02)
     legend_outside(ax)
@@ -245,10 +255,11 @@ def write_gender_report(out: Path, *, cfg: dict, counts: dict, rows: list[dict],
               **({"quick_targets": quick} if quick is not None else {}), "svd_scale": scaled, "timings_s": timings}
     write_json(report, out / "report.json")   # NaN (no crossing) as null
     if done:
-        plot_flip(done, out / "flip.png")
+        plot_flip(done, out / "flip.png", cfg.get("head_param"))
         plot_retrieval_mix(done, out / "retrieval.png")
         if leaning:
             plot_leans(leaning, out / "lean.png")
+    image_scaling, paper_scaling = scaling_words(cfg.get("head_param"))
     lines = [
         "# open_clip_po demo: flipping a CLIP's reading of gender with a linear head",
         "",
@@ -257,7 +268,8 @@ def write_gender_report(out: Path, *, cfg: dict, counts: dict, rows: list[dict],
         "activities unevenly split between genders. Linear heads W are trained (β = λ = 1) on triplets from "
         "`python -m open_clip_po.data.gender` (y_w = the flipped-gender caption, y_l = the original, D_reg = "
         "\"The person is <activity>\"): an *image head* per objective (`--po-head-towers image`: similarity "
-        "(Wx)ᵀy, scaled W_t = I + t(W − I)) and the *paper head* (both towers: xᵀWᵀWy, scaled W_t = UΣ^tVᵀ), "
+        f"(Wx)ᵀy, scaled W_t = {image_scaling}) and the *paper head* (both towers: xᵀWᵀWy, scaled W_t = "
+        f"{paper_scaling}), "
         "which cannot reverse a direction the two towers share and so erases gender instead. Each is measured by "
         f"`python -m open_clip_po.eval gender` on {counts['test']} held-out images (balanced: the same number of men "
         "and women per activity). *Own* = mean probability of the image's own gender in the choice between "

@@ -32,8 +32,11 @@ def gender_methods(losses=("dpo", "ipo", "kto"), paper_losses=("dpo",), image_lr
     on both towers for ``paper_losses`` — on this world it erases gender rather than reversing it, since its
     similarity xᵀWᵀWy cannot reverse a direction that pre-training made near-parallel in the two towers."""
     common = ("--po-beta", "1", "--po-reg-lambda", "1")
+    # The image head keeps its straight line I + t(W − I); a tenth of λ on the KL of the head turned around, 2I − W,
+    # kept activity at 99 % down to t = −2 (KTO: 0 % without it) and the flip at 99 % (μ = λ halved DPO's flip)
     image = tuple(Method(loss.upper() + " + image head", loss, True,
-                         ("--po-head-towers", "image", *common, "--lr", image_lr)) for loss in losses)
+                         ("--po-head-towers", "image", *common, "--lr", image_lr, "--po-head-reverse-lambda", "0.1"))
+                  for loss in losses)
     paper = tuple(Method(loss.upper() + " + paper head", loss, True, (*common, "--lr", paper_lr))
                   for loss in paper_losses)
     return image + paper
@@ -64,6 +67,7 @@ class GenderConfig:
     methods: tuple[Method, ...] = gender_methods()
     t_grid: str = "-2:2:0.25"
     top_k: int = 30                      # retrieved images per activity prompt (of 2 × test_per_cell)
+    head_param: str | None = None        # --po-head-param of every head (None: the trainer's default per towers)
     seed: int = 0
     quick: bool = False                  # a pipeline check: its own targets, not the claim
 

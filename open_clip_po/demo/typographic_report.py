@@ -65,6 +65,46 @@ QUICK_TARGET_TEXT = {
     "po_raises_attacked": "a PO objective raises attacked accuracy over the pre-trained model's",
     "po_reads_less": "a PO objective lowers the written-class rate",
 }
+def knob_checks(rows: list[dict], clean_drop: float = TARGET_CLEAN_DROP) -> dict:
+    """What the t-sweep of a head shows (``rows`` of ``eval sweep``, one of them at t = 0): whether the written-class
+    rate falls monotonically in t, the rate at t = −1 against t = 0 (the model reads more when the head is turned
+    around), the largest clean-accuracy drop over t ∈ [−1, 2], and the t ∈ [0, 3] with the most attacked accuracy
+    among those that keep clean accuracy within ``clean_drop`` of t = 0."""
+    rows = sorted(rows, key=lambda r: r["t"])
+    by_t = {r["t"]: r for r in rows}
+    base = by_t[0.0]
+    written = [r["written_rate"] for r in rows]
+    kept = [r for r in rows if 0 <= r["t"] <= 3 and r["clean_top1"] >= base["clean_top1"] - clean_drop]
+    best = max(kept, key=lambda r: r["typographic_top1"])
+    return {
+        "written_monotone": all(b <= a for a, b in zip(written, written[1:])),
+        "written_largest_rise": max([0.0] + [b - a for a, b in zip(written, written[1:])]),
+        "written_at_minus_1": by_t[-1.0]["written_rate"] if -1.0 in by_t else None,
+        "written_at_0": base["written_rate"],
+        "clean_largest_drop_minus1_to_2": base["clean_top1"] - min(r["clean_top1"] for r in rows
+                                                                  if -1 <= r["t"] <= 2),
+        "best_t": best["t"], "best_attacked_gain": best["typographic_top1"] - base["typographic_top1"],
+        "best_clean_change": best["clean_top1"] - base["clean_top1"],
+    }
+
+
+def _sweep_lines(sweep: dict) -> list[str]:
+    lines = ["", f"t-sweep of the {sweep['method']} model (W_t = exp(tA) = UΣ^tVᵀ for the default log head; t = 0 is "
+                 "the pre-trained model, t = 1 the trained head, t < 0 turns it around):", "",
+             "| t | clean | attacked | written-class rate |", "|---:|---:|---:|---:|"]
+    for r in sorted(sweep["rows"], key=lambda r: r["t"]):
+        lines.append(f"| {r['t']:g} | {_pct(r['clean_top1'])} | {_pct(r['typographic_top1'])} | "
+                     f"{_pct(r['written_rate'])} |")
+    if any(r["t"] == 0 for r in sweep["rows"]):
+        k = knob_checks(sweep["rows"])
+        minus_1 = "" if k["written_at_minus_1"] is None else (
+            f"at t = −1 it reads {_pct(k['written_at_minus_1'])} % (t = 0: {_pct(k['written_at_0'])} %); ")
+        lines += ["", f"Written-class rate monotone in t: **{'yes' if k['written_monotone'] else 'no'}** (largest "
+                      f"rise {_pct(k['written_largest_rise'])} points); {minus_1}clean accuracy at most "
+                      f"{_pct(k['clean_largest_drop_minus1_to_2'])} points below t = 0 over t ∈ [−1, 2]; best "
+                      f"t ∈ [0, 3] with clean down ≤ 2 points: t = {k['best_t']:g}, attacked "
+                      f"{100 * k['best_attacked_gain']:+.1f}, clean {100 * k['best_clean_change']:+.1f}."]
+    return lines + ["", "![t-sweep](eval/tsweep.png)"]
 
 
 def _pct(x) -> str:
@@ -143,7 +183,10 @@ def write_report(out: Path, *, cfg: dict, counts: dict, rows: list[dict], sweep:
         "methods": rows,
         "targets": targets,
         **({"quick_targets": check_quick_targets(rows)} if quick else {}),
-        "sweep": None if sweep is None else {"method": sweep["method"], "rows": sweep["rows"]},
+        "sweep": None if sweep is None else {"method": sweep["method"], "rows": sweep["rows"],
+                                             "head": sweep.get("head"),
+                                             "knob": knob_checks(sweep["rows"]) if any(
+                                                 r["t"] == 0 for r in sweep["rows"]) else None},
         "timings_s": timings,
     }
     write_text(out / "report.json", json.dumps(report, indent=2, default=str))
@@ -170,8 +213,7 @@ def write_report(out: Path, *, cfg: dict, counts: dict, rows: list[dict], sweep:
     if (out / "eval" / "kl.png").exists():
         lines += ["", "![KL to the reference](eval/kl.png)"]
     if sweep is not None:
-        lines += ["", f"t-sweep of the {sweep['method']} model (W_t = UΣ^tVᵀ; t = 0 is the pre-trained model, "
-                      "t = 1 the trained head, t < 0 reverses it):", "", "![t-sweep](eval/tsweep.png)"]
+        lines += _sweep_lines(sweep)
     if (out / "world_examples.png").exists():
         lines += ["", "The world (rows: objects, labelled objects, words only, signs — a word beside another object, "
                       "captioned by the word — and attacked test images):", "",

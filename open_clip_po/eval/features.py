@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from open_clip_po.checkpoint import CheckpointError, create_model_from_checkpoint
-from open_clip_po.head import get_linear_head, has_linear_head
+from open_clip_po.head import generator_of_head, get_linear_head, has_linear_head
 from open_clip_po.towers.unwrap import unwrap
 
 from .data import EvalSet, make_loader
@@ -64,6 +64,11 @@ def load_eval_model(model_name: str, pretrained: str, *, weights: str = "raw", d
 
 def head_weight(model: nn.Module) -> torch.Tensor | None:
     return get_linear_head(model).weight.detach() if has_linear_head(model) else None
+
+
+def head_generator(model: nn.Module) -> torch.Tensor | None:
+    """The generator A (W = exp(A)) of a log-parameterised head; None for a dense head or none."""
+    return generator_of_head(get_linear_head(model)) if has_linear_head(model) else None
 
 
 def head_towers(model: nn.Module) -> str:

@@ -24,8 +24,8 @@ from open_clip_po.data.gender_csv import read_gender_csv as read_rows
 
 from .data import EvalSet, FolderDataset
 from .errors import EvalError
-from .features import (PromptFeatures, apply_head, base_encoders, encode_images, head_towers, head_weight,
-                       load_eval_model, logit_scale, text_side)
+from .features import (PromptFeatures, apply_head, base_encoders, encode_images, head_generator, head_towers,
+                       head_weight, load_eval_model, logit_scale, text_side)
 from .gender_lean import lean_split, plot_lean, retrieval_lean
 from .plots import SINGLE_FIGSIZE, WIDE_FIGSIZE, legend_outside, new_figure, run_label, save_figure
 from .tsweep import find_crossing, find_crossings, parse_t_values, scaled_heads
@@ -162,14 +162,14 @@ def _check_templates(caption: str, neutral_caption: str) -> None:
                             f"{{gender}}/{{activity}}: {e}") from None
 
 
-def _retrieval_at_key_ts(t_star, weight, images, is_man, prompt_features, prompts, top_k, towers) -> dict:
-    """Retrieval's gender mix at t = 0 (the base model), t* (neutral, when there is one) and t = 1 (the head)."""
-
+def _retrieval_at_key_ts(t_star, heads_at, images, is_man, prompt_features, prompts, top_k, towers) -> dict:
+    """Retrieval's gender mix at t = 0 (the base model), t* (neutral, when there is one) and t = 1 (the head).
+    ``heads_at(ts)`` gives ``{t: W_t}``."""
     ts = {"t=0 (base)": 0.0, "t=1 (trained)": 1.0}
     if math.isfinite(t_star):
         ts[f"t*={t_star:.3f} (neutral)"] = t_star
     ts = dict(sorted(ts.items(), key=lambda item: item[1]))   # bars in order of t
-    heads = scaled_heads(weight, list(ts.values()), towers)
+    heads = heads_at(list(ts.values()))
     return {label: retrieval_counts(heads[t], images, is_man, prompt_features, prompts, top_k, towers)
             for label, t in ts.items()}
 
@@ -178,12 +178,12 @@ def _write_gender_outputs(args, curves, ts, rows, kept, skipped, activities, ret
                           lean) -> dict:
     """The curves' CSV, the per-image CSV, the JSON and the three PNGs beside ``args.output``; returns the JSON."""
 
-    weight, towers, images, activity, captions, scale = scoring
+    heads_at, towers, images, activity, captions, scale = scoring
     output = Path(args.output)
     columns = ("t", "p_true_gender", "p_flipped_gender", "p_true_gender_se", "flipped_choice", "p_man_men",
                "p_woman_women", "activity_accuracy")
     write_csv([{c: curves[c][i] for c in columns} for i in range(len(ts))], output.with_suffix(".csv"), columns)
-    ends = gender_curves(scaled_heads(weight, [0.0, 1.0], towers), images, is_man, activity, *captions, scale,
+    ends = gender_curves(heads_at([0.0, 1.0]), images, is_man, activity, *captions, scale,
                          towers)["p_man"]
     per_image = [{"image": rows[r]["image"], "gender": rows[r]["gender"], "activity": rows[r]["activity"],
                   "t_star": curves["t_star_per_image"][j], "p_man_t0": ends[0, j].item(),
@@ -243,11 +243,15 @@ def run_gender(args) -> dict:
 
     images, scale = encoded["features"], logit_scale(model)
     captions = (prompts.raw(man_prompts), prompts.raw(woman_prompts), prompts.raw(neutral_prompts))
-    towers = head_towers(model)
-    heads = scaled_heads(weight, ts, towers)
+    towers, log = head_towers(model), head_generator(model)
+
+    def heads_at(values):
+        return scaled_heads(weight, values, towers, log)
+
+    heads = heads_at(ts)
     curves = gender_curves(heads, images, is_man, activity, *captions, scale, towers)
 
-    retrieval = _retrieval_at_key_ts(curves["t_star"], weight, images, is_man, prompts.raw(retrieval_prompts),
+    retrieval = _retrieval_at_key_ts(curves["t_star"], heads_at, images, is_man, prompts.raw(retrieval_prompts),
                                      retrieval_prompts, args.top_k, towers)
     # an activity's neutral caption is weighed among that activity's images, any other prompt among all images
     groups = [activity == neutral_prompts.index(p) if p in neutral_prompts
@@ -259,7 +263,7 @@ def run_gender(args) -> dict:
                                                                                          *captions))]
 
     result = _write_gender_outputs(args, curves, ts, rows, kept, encoded["skipped"], activities, retrieval, is_man,
-                                   (weight, towers, images, activity, captions, scale), lean)
+                                   (heads_at, towers, images, activity, captions, scale), lean)
     t_star = curves["t_star"]
     print(f"t* = {t_star:.4f}" if math.isfinite(t_star) else "no crossing of P(own) and P(flipped) gender on this grid",
           f"→ {args.output}")

@@ -1,5 +1,6 @@
-"""The t-sweep (paper Fig. 2): one head checkpoint evaluated at W_t for many t (U Σ^t Vᵀ, or I + t (W − I) for a
-head on the image tower only; see ``open_clip_po.surgery.scale_head``), no files.
+"""The t-sweep (paper Fig. 2): one head checkpoint evaluated at W_t for many t (U Σ^t Vᵀ; exp(t A) for a
+log-parameterised head W = exp(A); I + t (W − I) for a dense head on the image tower only; see
+``open_clip_po.surgery.scale_head``), no files.
 
 Backbone features of the images and prompts are computed once; each t only applies W_t and
 re-normalises, which is exact because the head is linear and sits after the backbone.
@@ -18,8 +19,8 @@ from open_clip_po.surgery import head_stats, scale_head
 
 from .data import open_eval_sets
 from .errors import EvalError
-from .features import (PromptFeatures, apply_head, base_encoders, class_prompts, encode_images, head_towers,
-                       head_weight, load_eval_model, text_side)
+from .features import (PromptFeatures, apply_head, base_encoders, class_prompts, encode_images, head_generator,
+                       head_towers, head_weight, load_eval_model, text_side)
 from .plots import WIDE_FIGSIZE, legend_outside, new_figure, run_label, save_figure
 from .templates import resolve_templates
 from .zeroshot import top1_and_written
@@ -76,13 +77,17 @@ def head_summary(weight: torch.Tensor) -> dict:
     return head_stats(weight.detach().float().cpu())
 
 
-def scaled_heads(weight: torch.Tensor, ts: Sequence[float], towers: str = "both") -> dict[float, torch.Tensor]:
-    return {t: scale_head(weight.detach().float().cpu(), t, towers) for t in ts}
+def scaled_heads(weight: torch.Tensor, ts: Sequence[float], towers: str = "both",
+                 log: torch.Tensor | None = None) -> dict[float, torch.Tensor]:
+    """``{t: W_t}``; ``log`` is the generator of a log-parameterised head (W = exp(log)), else None."""
+    log = None if log is None else log.detach().float().cpu()
+    return {t: scale_head(weight.detach().float().cpu(), t, towers, log) for t in ts}
 
 
 @torch.no_grad()
 def tsweep_metrics(weight: torch.Tensor, ts: Sequence[float], prompts, classnames, templates,
-                  clean: dict, attacked: dict | None = None, towers: str = "both") -> list[dict]:
+                  clean: dict, attacked: dict | None = None, towers: str = "both",
+                  log: torch.Tensor | None = None) -> list[dict]:
     """One row per t: clean/attacked top-1 and written-class rate under W_t.
 
     ``clean`` / ``attacked`` are ``encode_images`` results of the *base* (un-headed) image encoder;
@@ -90,7 +95,7 @@ def tsweep_metrics(weight: torch.Tensor, ts: Sequence[float], prompts, classname
     """
 
     rows = []
-    for t, w_t in scaled_heads(weight, ts, towers).items():
+    for t, w_t in scaled_heads(weight, ts, towers, log).items():
         classifier = prompts.classifier(classnames, templates, text_side(w_t, towers))
         row = {"t": t, "clean_top1": top1_and_written(apply_head(clean["features"], w_t) @ classifier,
                                                       clean["labels"])["top1"]}
@@ -152,8 +157,9 @@ def run_tsweep(args) -> dict:
     kw = dict(device=args.device, batch_size=args.batch_size, workers=args.workers)
     clean_features = encode_images(encode_image, clean, desc=f"clean {clean.name}", **kw)
     attacked_features = None if attacked is None else encode_images(encode_image, attacked, desc="attacked", **kw)
-    towers = head_towers(model)
-    rows = tsweep_metrics(weight, ts, prompts, clean.classnames, templates, clean_features, attacked_features, towers)
+    towers, log = head_towers(model), head_generator(model)
+    rows = tsweep_metrics(weight, ts, prompts, clean.classnames, templates, clean_features, attacked_features, towers,
+                         log)
 
     output = Path(args.output)
     columns = [c for c in SWEEP_COLUMNS if c in rows[0]]
@@ -163,7 +169,8 @@ def run_tsweep(args) -> dict:
               "typographic": None if attacked is None else attacked.description,
               "num_clean": int(clean_features["labels"].numel()),
               "num_typographic": None if attacked_features is None else int(attacked_features["labels"].numel()),
-              "head": {**head_summary(weight), "towers": towers}, "rows": rows}
+              "head": {**head_summary(weight), "towers": towers, "param": "dense" if log is None else "log"},
+              "rows": rows}
     write_json(result, output)
     plot_sweep(rows, f"{result['dataset']} — {args.label or run_label(args.pretrained)} ({args.model})",
                output.with_suffix(".png"))

@@ -1,5 +1,5 @@
-"""Scale a trained linear head, W_t = U Σ^t Vᵀ (or I + t (W − I) for a head on the image tower only), and fold
-it into a stock checkpoint.
+"""Scale a trained linear head, W_t = U Σ^t Vᵀ (exp(t A) for a log-parameterised head W = exp(A); I + t (W − I) for
+a dense head on the image tower only), and fold it into a stock checkpoint.
 
     python -m open_clip_po.svd_scale CKPT --t T [--out PATH] [--weights {raw,bma,ema}]
                                      [--fold | --keep-head] [--report]
@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 
 from ..checkpoint import (AVERAGE_KEY, HEAD_KEY, HEAD_NOTE, HEAD_NOTE_KEY, WEIGHT_CHOICES, CheckpointError,
-                          atomic_save, head_entry, head_towers, load_checkpoint, model_weights)
+                          atomic_save, head_entry, head_generator, head_towers, load_checkpoint,
+                          model_weights)
 from ..flags import negative_values_as_one_token
 from . import SurgeryError, embedding_dim, fold_head, head_model_at, scale_head
 from .report import build_report, format_report, plot_report, write_report_json
@@ -37,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint written by open_clip_po.main (with a head)")
     parser.add_argument("--t", type=float, required=True,
-                        help="power applied to the singular values; for a head on the image tower only, the step along "
-                             "I + t (W − I) (negative values need no quoting: --t -2)")
+                        help="power applied to the singular values (W_t = exp(t A) for a log-parameterised head); for "
+                             "a dense head on the image tower only, the step along I + t (W − I) (negative values "
+                             "need no quoting: --t -2)")
     parser.add_argument("--out", default=None, help="output checkpoint (default: derived from CKPT and t); "
                                                      "never the input itself")
     parser.add_argument("--weights", choices=WEIGHT_CHOICES, default="raw",
@@ -92,7 +94,8 @@ def run(args: argparse.Namespace) -> Path:
         where = f"{AVERAGE_KEY}.{HEAD_KEY}" if args.weights != "raw" else HEAD_KEY
         raise SurgeryError(f"{source} has no linear head ({where}); train with --po-linear-head")
     towers = head_towers(checkpoint, args.weights, str(source))
-    W_t = scale_head(W, args.t, towers)
+    log = head_generator(checkpoint, args.weights, str(source))
+    W_t = scale_head(W, args.t, towers, log)
 
     result = {key: checkpoint[key] for key in ("epoch", "name") if key in checkpoint}
     if args.keep_head:
@@ -101,13 +104,14 @@ def run(args: argparse.Namespace) -> Path:
             raise SurgeryError(f"the head W is {W_t.shape[0]}x{W_t.shape[1]} but the model's embedding "
                                f"dimension is {dim}")
         result["state_dict"] = state_dict
-        result[HEAD_KEY] = head_entry(W_t, towers)
+        # a log head stays one: W_t = exp(t A) has the generator t A, so scaling the output again composes exactly
+        result[HEAD_KEY] = head_entry(W_t, towers, None if log is None else args.t * log)
         result[HEAD_NOTE_KEY] = HEAD_NOTE
     else:
         result["state_dict"] = fold_head(state_dict, W_t, towers)
     # Optimizer state and averages belong to the training run, not to the edited model.
     result["po_svd_scale"] = {"t": float(args.t), "weights": args.weights, "folded": not args.keep_head,
-                              "towers": towers, "source": str(source)}
+                              "towers": towers, "param": "dense" if log is None else "log", "source": str(source)}
     from .. import __version__
 
     result["po_version"] = __version__
@@ -117,7 +121,8 @@ def run(args: argparse.Namespace) -> Path:
 
     if args.report:
 
-        report = build_report(W, W_t, args.t, source=str(source), output=str(out), weights=args.weights)
+        report = build_report(W, W_t, args.t, source=str(source), output=str(out), weights=args.weights,
+                              towers=towers, param="dense" if log is None else "log")
         stem = out.with_name(out.name[: -len(out.suffix)] if out.suffix else out.name)
         json_path, png_path = Path(f"{stem}.report.json"), Path(f"{stem}.report.png")
         report["png"] = str(png_path)

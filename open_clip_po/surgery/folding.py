@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import strip_module_prefix
-from ..head import HEAD_ATTR, get_linear_head, has_linear_head
+from ..head import HEAD_ATTR, generator_of_head, get_linear_head, has_linear_head
 from ..towers.unwrap import unwrap
 from .scaling import SurgeryError, check_head, check_towers, scale_head
 
@@ -159,21 +159,24 @@ def fold_head(state_dict: dict, W: torch.Tensor, towers: str = "both") -> dict:
 
 
 def head_model_at(model: nn.Module, W: torch.Tensor | None = None, t: float = 1.0,
-                  towers: str | None = None) -> nn.Module:
+                  towers: str | None = None, log: torch.Tensor | None = None) -> nn.Module:
     """A stock copy of ``model`` with ``W_t`` folded in: its normalised features are normalise(W_t f) on the
     head's towers.
 
-    ``model`` is a stock open_clip model or one with a linear head attached (then ``W`` and ``towers``
-    default to that head's and ``f`` are its un-headed features). ``model`` itself is left as it was.
+    ``model`` is a stock open_clip model or one with a linear head attached (then ``W`` — with ``log``, the
+    generator of a log-parameterised head — and ``towers`` default to that head's and ``f`` are its un-headed
+    features). ``model`` itself is left as it was.
     """
     base = unwrap(model)
     if W is None:
-        W = get_linear_head(base).weight.detach()
+        head = get_linear_head(base)
+        W = head.weight.detach()
+        log = generator_of_head(head) if log is None else log
     if towers is None:
         towers = get_linear_head(base).towers if has_linear_head(base) else "both"
     head_prefix = HEAD_ATTR + "."
     state_dict = {k: v for k, v in base.state_dict().items() if not k.startswith(head_prefix)}
-    folded = fold_head(state_dict, scale_head(W, t, towers), towers)
+    folded = fold_head(state_dict, scale_head(W, t, towers, log), towers)
     stock = copy.deepcopy(base)
     # Undo attach_linear_head on the copy: its wrappers live in the instance __dict__ and shadow
     # the class's encode_image / encode_text.

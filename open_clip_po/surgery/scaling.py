@@ -1,14 +1,14 @@
-"""W_t for a head on both towers, U Σ^t Vᵀ (paper Eq. 16), or on the image tower, I + t (W − I); and the numbers
-that say how far W is from orthogonal (App. E)."""
+"""W_t: exp(t A) for a log-parameterised head W = exp(A); for a dense head U Σ^t Vᵀ on both towers (paper Eq. 16)
+or I + t (W − I) on the image tower; and the numbers that say how far W is from orthogonal (App. E)."""
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import torch
 
 from ..checkpoint import CheckpointError
 from ..head import check_towers as head_towers_checked
+from ..head import exp_head, generator_of, one_linalg_thread
 
 
 class SurgeryError(CheckpointError):
@@ -37,40 +37,30 @@ def check_head(W) -> torch.Tensor:
     return W
 
 
-@contextmanager
-def _single_threaded(dim: int):
-    """One intra-op thread for a small SVD: it gains nothing from threads, and on a busy machine the
-    threaded LAPACK spins (measured here, 512×512 float64: 0.25 s on one thread, 8–14 s on two)."""
-    threads = torch.get_num_threads()
-    if dim > 2048 or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def scale_head(W: torch.Tensor, t: float, towers: str = "both") -> torch.Tensor:
+def scale_head(W: torch.Tensor, t: float, towers: str = "both", log: torch.Tensor | None = None) -> torch.Tensor:
     """W_t for a head acting on ``towers``; same dtype and device as ``W``. t = 1 gives W back, t = 0 the base
     model's similarities, t > 1 strengthens and t < 0 reverses what the head learned.
 
-    - "both": ``W_t = U Σ^t Vᵀ`` where ``W = U Σ Vᵀ`` (paper Eq. 16). At t = 0 it is the orthogonal factor
-      U Vᵀ, which leaves the similarities xᵀ W_tᵀ W_t y = xᵀ V Σ^{2t} Vᵀ y those of the base model. The SVD
+    - ``log`` given (a log-parameterised head, W = exp(A), ``log`` = A): ``W_t = exp(t A)``, exact for every t:
+      W_0 = I, W_{-t} = W_t⁻¹, W_a scaled by b is W_{ab}. On both towers A is symmetric (its symmetric part is
+      taken) and exp(t A) = U Σ^t Vᵀ of W, the rule below, without the round trip through W's rounding.
+    - a dense W on "both": ``W_t = U Σ^t Vᵀ`` where ``W = U Σ Vᵀ`` (paper Eq. 16). At t = 0 it is the orthogonal
+      factor U Vᵀ, which leaves the similarities xᵀ W_tᵀ W_t y = xᵀ V Σ^{2t} Vᵀ y those of the base model. The SVD
       runs in float64 so that a t-sweep does not pile up float32 error.
-    - "image": ``W_t = I + t (W − I)``. The similarity (W x)ᵀ y sees W's left factor, so U Σ^t Vᵀ would not
-      give the base model at t = 0; the straight line does, and moves each similarity linearly in t.
+    - a dense W on "image": ``W_t = I + t (W − I)``. The similarity (W x)ᵀ y sees W's left factor, so U Σ^t Vᵀ
+      would not give the base model at t = 0; the straight line does, and moves each similarity linearly in t.
     """
     W = check_head(W)
     t = float(t)
     if not math.isfinite(t):
         raise SurgeryError(f"t must be a finite number, got {t}")
     check_towers(towers)
+    if log is not None:
+        return _exp_scaled(W, check_head(log), t, towers)
     if towers == "image":
         eye = torch.eye(W.shape[0], dtype=torch.float64, device=W.device)
         return (eye + t * (W.detach().to(torch.float64) - eye)).to(W.dtype)
-    with _single_threaded(W.shape[0]):
+    with one_linalg_thread(W.shape[0]):
         U, S, Vh = torch.linalg.svd(W.detach().to(torch.float64))
     if t < 0:
         # A singular value that is zero at W's own precision has no finite negative power.
@@ -86,10 +76,19 @@ def scale_head(W: torch.Tensor, t: float, towers: str = "both") -> torch.Tensor:
     return W_t
 
 
+def _exp_scaled(W: torch.Tensor, log: torch.Tensor, t: float, towers: str) -> torch.Tensor:
+    if log.shape != W.shape:
+        raise SurgeryError(f"the head's generator is {tuple(log.shape)} but W is {tuple(W.shape)}")
+    W_t = exp_head(generator_of(log.to(W.device), towers), t).to(W.dtype)
+    if not bool(torch.isfinite(W_t).all()):
+        raise SurgeryError(f"W_t = exp(t A) has non-finite values at t = {t:g} (it overflows {W.dtype})")
+    return W_t
+
+
 def head_stats(W: torch.Tensor) -> dict:
     """Singular values and ``‖WᵀW − I‖`` (Frobenius, spectral), as plain Python numbers for JSON."""
     W = check_head(W).detach().to(torch.float64)
-    with _single_threaded(W.shape[0]):
+    with one_linalg_thread(W.shape[0]):
         singular_values = torch.linalg.svdvals(W)
     residual = W.T @ W - torch.eye(W.shape[0], dtype=W.dtype)
     return {

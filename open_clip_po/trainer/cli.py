@@ -14,12 +14,13 @@ import open_clip
 
 from .. import losses as po_losses
 from ..flags import REG_LAMBDA_DEFAULT, po_argument_parser
+from ..head import default_param
 from ..ref_cache import deterministic_augmentation
 from .failures import missing_logger
 from .options import check_open_clip_options, plain_clip_run
 
 # Flags that only mean something with --po-reg-data: given without it, they would be silently inert.
-REG_ONLY_FLAGS = ("po_reg_lambda", "po_reg_kl", "po_reg_batch_size", "po_reg_num_samples")
+REG_ONLY_FLAGS = ("po_reg_lambda", "po_reg_kl", "po_reg_batch_size", "po_reg_num_samples", "po_head_reverse_lambda")
 MODEL_SCHEMAS = ("hf-hub:", "local-dir:")
 
 
@@ -46,6 +47,10 @@ def parse_po_args(argv, open_clip_parse_args):
     args.po_reg_lambda = REG_LAMBDA_DEFAULT if args.po_reg_lambda is None else args.po_reg_lambda
     args.po_reg_kl = args.po_reg_kl or "forward"
     args.po_head_towers = args.po_head_towers or "both"
+    args.po_head_param = args.po_head_param or default_param(args.po_head_towers)
+    if args.po_head_reverse_lambda is None:   # a log head's reversed side is held like its trained side
+        log_head = args.po_linear_head and args.po_head_param == "log" and args.po_reg_data
+        args.po_head_reverse_lambda = args.po_reg_lambda if log_head else 0.0
     return args
 
 
@@ -130,8 +135,11 @@ def validate(args) -> None:
     if args.po_linear_head and (args.po_ref_model or args.po_ref_pretrained):
         raise UsageError("--po-linear-head uses the frozen backbone itself as reference; "
                          "drop --po-ref-model/--po-ref-pretrained")
-    if args.po_head_towers and not args.po_linear_head:
-        raise UsageError("--po-head-towers is for --po-linear-head")
+    for flag in ("--po-head-towers", "--po-head-param", "--po-head-reverse-lambda"):
+        if getattr(args, flag[2:].replace("-", "_")) and not args.po_linear_head:
+            raise UsageError(f"{flag} is for --po-linear-head")
+    if args.po_head_reverse_lambda is not None and args.po_head_reverse_lambda < 0:
+        raise UsageError(f"--po-head-reverse-lambda must be >= 0, got {args.po_head_reverse_lambda}")
     if args.po_ref_sync_steps < 0 or not 0 < args.po_ref_sync_alpha <= 1:
         raise UsageError("--po-ref-sync-steps must be >= 0 and --po-ref-sync-alpha in (0, 1]")
     if args.po_ref_sync_steps and args.po_linear_head:

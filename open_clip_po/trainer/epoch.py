@@ -64,12 +64,12 @@ def _any_rank(flag: bool, device) -> bool:
 
 
 def _sync_head_grad(model, args) -> None:
-    # Linear-head mode runs without DDP (only W trains): average W's gradient by hand.
+    # Linear-head mode runs without DDP (only the head trains): average its gradients by hand.
     if args.distributed and getattr(args, "po_linear_head", False):
-        grad = get_linear_head(model).weight.grad
-        if grad is not None:
-            dist.all_reduce(grad)
-            grad.div_(args.world_size)
+        for param in get_linear_head(model).parameters():
+            if param.grad is not None:
+                dist.all_reduce(param.grad)
+                param.grad.div_(args.world_size)
 
 
 def _optimizer_step(model, optimizer, scaler, args) -> None:

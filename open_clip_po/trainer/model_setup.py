@@ -107,7 +107,7 @@ class ModelSetup:
             model.requires_grad_(False)
             # the frozen backbone's passes run without grad: under autocast, give them the policy's GEMM layout
             contiguous_attention_under_autocast(model)
-            attach_linear_head(model, towers=args.po_head_towers).requires_grad_(True)
+            attach_linear_head(model, towers=args.po_head_towers, param=args.po_head_param).requires_grad_(True)
             return make_reference(is_base_of_head=True)
         if args.po_ref_model or args.po_ref_pretrained:
             ref, _, _ = self._create_checked(

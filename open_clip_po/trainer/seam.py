@@ -92,7 +92,8 @@ class POSession:
 
     def parse_args(self, argv):
         args = self.args = parse_po_args(argv, self.orig["parse_args"])
-        self.codec = CheckpointCodec(linear_head=args.po_linear_head, head_towers=args.po_head_towers)
+        self.codec = CheckpointCodec(linear_head=args.po_linear_head, head_towers=args.po_head_towers,
+                                     head_param=args.po_head_param)
         self.hooks = TrainingHooks(args, self.setup, self.save_checkpoint)
         self.evaluator = Evaluator(args, self.setup, self.hooks, self.orig["evaluate"])
         return args
@@ -119,7 +120,7 @@ class POSession:
             prompts = self.tokenizer([args.po_template.format(n) for n in names])
         settings = POSettings(reg_lambda=args.po_reg_lambda, reg_direction=args.po_reg_kl,
                               candidates=args.po_candidates, kto_kl=args.po_kto_kl,
-                              distributed=bool(args.distributed))
+                              distributed=bool(args.distributed), head_reverse_lambda=args.po_head_reverse_lambda)
         criterion = POCriterion(build_objective(args), self.setup.reference, settings, prompt_tokens=prompts)
         self.hooks.objective = criterion.objective
         if self.hooks.resume is not None and self.hooks.resume.objective is not None:
